@@ -1,0 +1,283 @@
+# ---
+# jupyter:
+#   jupytext:
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 2. The model: a pretrained ResNet with a new head
+#
+# Training a ResNet-152 from scratch on 85 000 bird photos would take days. Instead we
+# take a network that already learned general visual features on ImageNet's 1.2 million
+# images and **replace only its last layer**, the classification head, with one sized for
+# our species. Two ways to train it:
+#
+# * **frozen backbone** (default with ImageNet weights): only the head learns. Fast, and
+#   the backbone's BatchNorm layers stay in evaluation mode so their running statistics
+#   do not drift away from what the pretrained weights expect.
+# * **fine-tuning** (`--finetune`): every layer learns. Slower, usually more accurate.
+#
+# This notebook is also `scripts/model.py`; its command `fetch-weights` downloads the
+# ImageNet weights on a login node.
+
+# %% tags=["parameters", "active-ipynb"]
+# num_classes = 10
+# image_size = 64
+# arch = "resnet18"
+
+# %% tags=["active-ipynb"]
+# # The notebooks import each other's code from their exports in ../scripts.
+# import sys
+# sys.path.insert(0, "../scripts")
+
+# %%
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import urllib.error
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+
+from data import UserError, run_cli
+
+# %% [markdown]
+# ## Architectures and their ImageNet weights
+#
+# `--arch` picks the depth: ResNet-18 (11 M parameters) trains on a laptop CPU in
+# seconds at small image sizes; ResNet-152 (60 M) is the workshop's model on GPUs.
+
+# %%
+ARCHITECTURES = {
+    "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
+    "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2),
+    "resnet152": (models.resnet152, models.ResNet152_Weights.IMAGENET1K_V2),
+}
+
+
+def check_arch(arch: str) -> None:
+    if arch not in ARCHITECTURES:
+        raise UserError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+
+
+def weights_url(arch: str) -> str:
+    check_arch(arch)
+    return ARCHITECTURES[arch][1].url
+
+
+def cached_weights_path(arch: str) -> Path:
+    """Where torch.hub keeps the file: $TORCH_HOME/hub/checkpoints/<name>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights_url(arch))
+
+
+# %% [markdown]
+# ## Compute nodes have no internet
+#
+# torchvision downloads weights on first use. On most clusters only **login nodes** reach
+# the internet, so a job that tries to download hangs or fails deep inside a stack trace.
+# We never download during training: fetch once on the login node, into `TORCH_HOME`
+# (a shared directory every node sees), and training finds the file there.
+#
+# ```bash
+# export TORCH_HOME=$HOME/.cache/torch     # or a project directory shared by the group
+# python scripts/model.py fetch-weights --arch resnet152
+# ```
+
+# %%
+def fetch_weights(arch: str, url: str | None = None) -> Path:
+    """Download the ImageNet weights of `arch` into the torch.hub cache."""
+    target = cached_weights_path(arch)
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    url = url or weights_url(arch)
+    try:
+        torch.hub.download_url_to_file(url, str(target), progress=sys.stderr.isatty())
+    except (urllib.error.URLError, OSError) as error:
+        raise UserError(
+            f"cannot download {url} ({getattr(error, 'reason', error)}): run this on a node with "
+            f"internet (a login node), or copy the file to {target}"
+        ) from None
+    return target
+
+
+def load_backbone_weights(backbone: nn.Module, arch: str, weights: str) -> None:
+    """Load ImageNet weights (from the cache) or a local file into the backbone."""
+    if weights == "imagenet":
+        path = cached_weights_path(arch)
+        if not path.is_file():
+            raise UserError(
+                f"ImageNet weights for {arch} are not in {path.parent} (compute nodes usually have no "
+                f"internet): run `python scripts/model.py fetch-weights --arch {arch}` on a login node, "
+                "with the same TORCH_HOME, or use --weights none"
+            )
+    else:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise UserError(f"--weights {weights}: no such file; give imagenet, none or a weights file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: say which
+        raise UserError(f"cannot load weights from {path}: {error}") from None
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the old 1000-class head
+    expected = backbone.state_dict()
+    mismatched = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
+    mismatched += [k for k in state if k not in expected]
+    if mismatched:
+        raise UserError(f"{path} does not hold {arch} weights ({len(mismatched)} tensors missing or of "
+                        f"another shape, e.g. {mismatched[0]}): check --arch")
+    backbone.load_state_dict(state)
+
+
+# %% [markdown]
+# ## Backbone plus head
+#
+# The head's size comes from the dataset (the original workshop hard-coded 400 classes,
+# which broke as soon as the dataset grew to 525). `train()` is overridden so that a
+# frozen backbone stays in evaluation mode even while the head trains: otherwise every
+# batch would nudge BatchNorm's running means, and the "frozen" network would change.
+#
+# A randomly initialised ResNet (`--weights none`) is built with
+# `zero_init_residual=True`: each residual block starts as the identity, which keeps
+# activations, and so the loss, finite in a deep network.
+
+# %%
+class BirdClassifier(nn.Module):
+    """A torchvision ResNet without its last layer (backbone) and a linear head."""
+
+    def __init__(self, arch: str, num_classes: int, freeze_backbone: bool):
+        super().__init__()
+        check_arch(arch)
+        backbone = ARCHITECTURES[arch][0](weights=None, zero_init_residual=True)
+        self.num_features = backbone.fc.in_features
+        backbone.fc = nn.Identity()
+        self.backbone = backbone
+        self.head = nn.Linear(self.num_features, num_classes)
+        self.freeze_backbone = freeze_backbone
+        self.backbone.requires_grad_(not freeze_backbone)
+        self.backbone_eval_when_frozen = True  # the benchmark's baseline switches this off
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_backbone and self.backbone_eval_when_frozen:
+            self.backbone.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+
+def build_model(arch: str, num_classes: int, weights: str = "imagenet", finetune: bool = False,
+                log=print) -> BirdClassifier:
+    """The course's model; `weights` is imagenet, none, or a path to a weights file."""
+    if num_classes < 2:
+        raise UserError(f"the dataset has {num_classes} class(es); a classifier needs at least 2")
+    pretrained = weights != "none"
+    if not pretrained and not finetune:
+        log("notice: --weights none: a random frozen backbone cannot learn, so all layers train")
+    model = BirdClassifier(arch, num_classes, freeze_backbone=pretrained and not finetune)
+    if pretrained:
+        load_backbone_weights(model.backbone, arch, weights)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(all parameters, trainable parameters)."""
+    return (sum(p.numel() for p in model.parameters()),
+            sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+# %% [markdown]
+# ## The command-line tool
+
+# %%
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="model.py", description="Fetch weights and inspect the course's model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("fetch-weights", help="download ImageNet weights into $TORCH_HOME (run on a login node)")
+    p.add_argument("--arch", default="resnet152", help="resnet18, resnet50 or resnet152 (default resnet152)")
+    p.add_argument("--url", default=None, help="download from here instead (file:// works)")
+    p = sub.add_parser("summary", help="print parameter counts")
+    p.add_argument("--arch", default="resnet152")
+    p.add_argument("--classes", type=int, default=525)
+    p.add_argument("--finetune", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_arch(args.arch)
+    if args.command == "fetch-weights":
+        print(f"weights for {args.arch} in {fetch_weights(args.arch, args.url)}")
+    else:
+        model = BirdClassifier(args.arch, args.classes, freeze_backbone=not args.finetune)
+        total, trainable = count_parameters(model)
+        print(f"{args.arch}: {total:,} parameters, {trainable:,} trainable")
+    return 0
+
+
+# %% tags=["active-py"]
+if __name__ == "__main__":
+    run_cli(main)
+
+# %% [markdown]
+# ## Try it
+#
+# Build the model for our dataset and count what trains. (`weights="none"` here so the
+# notebook runs without the download; on the cluster use `"imagenet"`.)
+
+# %% tags=["active-ipynb"]
+# frozen = BirdClassifier(arch, num_classes, freeze_backbone=True)
+# total, trainable = count_parameters(frozen)
+# print(f"{arch}, frozen backbone: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f} %)")
+# print("head:", frozen.head)
+# full = build_model(arch, num_classes, weights="none")
+# print(f"{arch}, everything trains: {count_parameters(full)[1]:,} trainable")
+
+# %% [markdown]
+# Look at the modes: after `model.train()` the head trains, but the frozen backbone is
+# still in evaluation mode, so its BatchNorm statistics cannot drift.
+
+# %% tags=["active-ipynb"]
+# frozen.train()
+# print("head training:", frozen.head.training, "| backbone training:", frozen.backbone.training)
+# logits = frozen(torch.randn(4, 3, image_size, image_size))
+# print("logits", tuple(logits.shape), "= (batch, classes)")
+
+# %% [markdown]
+# ## Exercises
+#
+# **1.** How many parameters does the head of a frozen ResNet-152 have for the real
+# dataset's 525 classes? (The backbone gives 2048 features; a linear layer has a weight
+# per input-output pair and a bias per output.)
+
+# %% tags=["active-ipynb"]
+# head_parameters = None  # your answer, a number
+
+# %% tags=["active-ipynb"]
+# expected = count_parameters(BirdClassifier("resnet152", 525, freeze_backbone=True))[1]
+# print(f"Correct: {expected:,}." if head_parameters == expected else
+#       "Not yet. Hint: weights are 2048 x 525, and each of the 525 outputs has a bias.")
+
+# %% [markdown]
+# <details><summary>Solution</summary>
+#
+# ```python
+# head_parameters = 2048 * 525 + 525
+# ```
+# </details>
+#
+# **2.** Why would DDP with a frozen backbone exchange far less data per step than DDP
+# with `--finetune`? (Only parameters that have gradients are synchronised.)

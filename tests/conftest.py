@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny synthetic dataset and a way to run the course's scripts."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+sys.path.insert(0, str(SCRIPTS))  # the tests import the scripts as modules, as the notebooks do
+
+import data  # noqa: E402
+
+# Small enough for a 2-core CPU: 6 classes, 32 px images.
+TINY = {"classes": 6, "per_class": (16, 5, 2), "image_size": 32}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A synthetic dataset of 6 classes x (16 train, 5 valid, 2 test) images of 32 px."""
+    root = tmp_path_factory.mktemp("birds") / "birds-synthetic"
+    return data.make_synthetic(root, TINY["classes"], TINY["per_class"], TINY["image_size"], seed=0)
+
+
+def cpu_env(**extra: str) -> dict:
+    """The environment for a script run: CPU only, no W&B network, quiet."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "WANDB_", "KAGGLE_"))}
+    env.update({"CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"})
+    env.update(extra)
+    return env
+
+
+def run_script(script: str, *args, env: dict | None = None, timeout: float = 600,
+               cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run scripts/<script> with the test's Python; capture output, never raise."""
+    return subprocess.run([sys.executable, str(SCRIPTS / script), *map(str, args)],
+                          capture_output=True, text=True, env=env or cpu_env(), timeout=timeout,
+                          cwd=cwd or ROOT)
+
+
+def tiny_train_args(data_dir: Path, out: Path, *extra) -> list[str]:
+    """Options for a fast CPU run on the tiny dataset."""
+    return ["--data", data_dir, "--arch", "resnet18", "--weights", "none", "--image-size", "32",
+            "--batch-size", "8", "--workers", "0", "--out", out, *extra]

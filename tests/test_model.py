@@ -1,0 +1,80 @@
+"""The model: head sized from the data, what trains, and weights that never download in a job."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import model
+from conftest import cpu_env, run_script
+
+
+def trainable_names(net) -> set[str]:
+    return {name for name, p in net.named_parameters() if p.requires_grad}
+
+
+def test_head_is_sized_from_the_classes_and_only_it_trains_when_frozen():
+    net = model.BirdClassifier("resnet18", 7, freeze_backbone=True)
+    assert net.head.out_features == 7 and net.head.in_features == 512
+    assert trainable_names(net) == {"head.weight", "head.bias"}
+    assert model.count_parameters(net)[1] == 512 * 7 + 7
+
+
+def test_frozen_backbone_stays_in_eval_mode_so_batchnorm_cannot_drift():
+    net = model.BirdClassifier("resnet18", 3, freeze_backbone=True).train()
+    assert net.training and net.head.training and not net.backbone.training
+    before = net.backbone.bn1.running_mean.clone()
+    net(torch.randn(4, 3, 32, 32) * 5 + 3)
+    assert torch.equal(net.backbone.bn1.running_mean, before)
+
+
+def test_finetune_and_random_weights_train_every_layer():
+    notices = []
+    net = model.build_model("resnet18", 4, weights="none", log=notices.append)
+    assert trainable_names(net) == {name for name, _ in net.named_parameters()}
+    assert notices == ["notice: --weights none: a random frozen backbone cannot learn, so all layers train"]
+
+
+def test_random_resnet152_gives_a_finite_moderate_loss_in_eval_mode():
+    net = model.build_model("resnet152", 10, weights="none", log=lambda *a: None).eval()
+    with torch.inference_mode():
+        loss = F.cross_entropy(net(torch.randn(2, 3, 64, 64)), torch.tensor([0, 1]))
+    assert torch.isfinite(loss) and loss.item() < 10
+
+
+def test_missing_imagenet_weights_say_to_run_fetch_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(data.UserError, match=r"run `python scripts/model.py fetch-weights --arch resnet18` on a login node"):
+        model.build_model("resnet18", 5, weights="imagenet")
+
+
+def test_fetch_weights_offline_is_one_line_and_exit_2(tmp_path):
+    env = cpu_env(TORCH_HOME=str(tmp_path / "torch"))
+    result = run_script("model.py", "fetch-weights", "--arch", "resnet18", "--url", "http://127.0.0.1:9/w.pth", env=env)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: cannot download http://127.0.0.1:9/w.pth")
+    assert "login node" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fetched_weights_are_used_by_imagenet_runs(tmp_path, monkeypatch):
+    """A local stand-in for the ImageNet file: fetched into TORCH_HOME, then loaded."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    source = model.ARCHITECTURES["resnet18"][0](weights=None)
+    torch.save(source.state_dict(), tmp_path / "standin.pth")
+    assert model.main(["fetch-weights", "--arch", "resnet18", "--url", (tmp_path / "standin.pth").as_uri()]) == 0
+    assert model.cached_weights_path("resnet18").is_file()
+    assert model.cached_weights_path("resnet18").parent == tmp_path / "torch" / "hub" / "checkpoints"
+    net = model.build_model("resnet18", 5, weights="imagenet")
+    assert torch.equal(net.backbone.conv1.weight, source.conv1.weight)
+    assert trainable_names(net) == {"head.weight", "head.bias"}
+    finetuned = model.build_model("resnet18", 5, weights="imagenet", finetune=True)
+    assert "backbone.conv1.weight" in trainable_names(finetuned)
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    torch.save(model.ARCHITECTURES["resnet50"][0](weights=None).state_dict(), tmp_path / "r50.pth")
+    with pytest.raises(data.UserError, match="does not hold resnet18 weights .* check --arch"):
+        model.build_model("resnet18", 5, weights=str(tmp_path / "r50.pth"))
+    with pytest.raises(data.UserError, match="no such file"):
+        model.build_model("resnet18", 5, weights=str(tmp_path / "missing.pth"))

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import hashlib
 import io
 import json
@@ -598,10 +599,17 @@ def stage_dataset(source: Path, destination: Path | None = None) -> Path:
     destination = Path(destination or default_stage_dir()).expanduser()
     name = source.name.split(".")[0] if source.is_file() else source.name
     staged = destination / name
-    if (staged / ".staged").is_file():  # a finished copy from an earlier job step
-        return find_dataset_root(staged)
     destination.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=destination, prefix=f".{name}."))
+    # Several tasks on one node may stage at once: the first copies, the others wait for it.
+    with open(destination / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (staged / ".staged").is_file():  # else: a finished copy from an earlier task or step
+            copy_or_extract(source, destination, staged)
+    return find_dataset_root(staged)
+
+
+def copy_or_extract(source: Path, destination: Path, staged: Path) -> None:
+    partial = Path(tempfile.mkdtemp(dir=destination, prefix=f".{staged.name}."))
     try:
         if source.is_dir():
             shutil.copytree(check_dataset_root(source), partial, dirs_exist_ok=True)
@@ -613,7 +621,6 @@ def stage_dataset(source: Path, destination: Path | None = None) -> Path:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return find_dataset_root(staged)
 
 
 # %% [markdown]

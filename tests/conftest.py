@@ -45,3 +45,29 @@ def tiny_train_args(data_dir: Path, out: Path, *extra) -> list[str]:
     """Options for a fast CPU run on the tiny dataset."""
     return ["--data", data_dir, "--arch", "resnet18", "--weights", "none", "--image-size", "32",
             "--batch-size", "8", "--workers", "0", "--out", out, *extra]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(processes: int, script: str, *args, env: dict | None = None,
+                 timeout: float = 600) -> subprocess.CompletedProcess:
+    """torchrun on this machine; --master-addr 127.0.0.1 avoids lookups of the host's name."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(processes),
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(SCRIPTS / script), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env or cpu_env(), timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def standin_weights(tmp_path_factory) -> Path:
+    """A local stand-in for the ImageNet file: a fixed random ResNet-18 state dict."""
+    import torch
+    from torchvision import models
+    torch.manual_seed(1234)
+    path = tmp_path_factory.mktemp("weights") / "resnet18-standin.pth"
+    torch.save(models.resnet18(weights=None).state_dict(), path)
+    return path

@@ -1,0 +1,264 @@
+# ---
+# jupyter:
+#   jupytext:
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 4. Independent runs: the parallelism that needs no communication
+#
+# Before splitting **one** training over several GPUs, ask whether you need one training
+# at all. Choosing a learning rate or a batch size means training several models; each
+# can run on its own GPU, and they never talk to each other. Two GPUs then do twice the
+# work in the same time, exactly: no gradients to exchange, no waiting for the slowest
+# process. For a hyperparameter search this beats any data parallelism.
+#
+# Data parallelism is the right tool when **one** run is too slow for you to wait for,
+# or too large for one GPU's memory.
+#
+# Slurm offers two ways to run independent trainings:
+#
+# * **several job steps in one allocation** (`slurm/sweep_steps.sbatch`): the job asks
+#   for 2 GPUs; two `srun --exact -n1 --gpus-per-task=1 … &` lines start one training on
+#   each, and `wait` waits for both. One queue wait, a fixed number of runs.
+# * **a job array** (`slurm/sweep_array.sbatch`, `#SBATCH --array=0-1`): Slurm queues
+#   one small job per setting, each with its own `SLURM_ARRAY_TASK_ID`. Each runs as soon
+#   as one GPU is free anywhere: the friendliest to a busy cluster, and it scales to
+#   hundreds of settings.
+#
+# Both read the settings from a **sweep file**, one row per run, so the settings are
+# written once (`slurm/sweep.csv`). This notebook is also `scripts/sweep.py`:
+#
+# ```bash
+# python scripts/sweep.py run slurm/sweep.csv 1 --data ... --epochs 5   # train with row 1's settings
+# python scripts/sweep.py gather runs/sweep                             # compare the runs
+# ```
+
+# %% tags=["parameters", "active-ipynb"]
+# data_dir = "../data/birds-synthetic"
+# image_size = 32
+# epochs = 3
+# sweep_file = "../slurm/sweep.csv"
+# runs_dir = "../runs/notebook-sweep"
+
+# %% tags=["active-ipynb"]
+# # The notebooks import each other's code from their exports in ../scripts.
+# import sys
+# sys.path.insert(0, "../scripts")
+
+# %%
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+from data import UserError, atomic_write, run_cli
+import train
+
+# %% [markdown]
+# ## The sweep file
+#
+# A CSV file: a `name` column for the run directory, and one column per `train.py`
+# option to set, named as on the command line without the dashes:
+#
+# ```
+# name,lr,batch-size
+# lr-1e-3,0.001,64
+# lr-1e-2,0.01,64
+# ```
+
+# %%
+def read_sweep(path: Path) -> list[dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"sweep file {path} does not exist")
+    with open(path, newline="") as f:
+        rows = [{k.strip(): v.strip() for k, v in row.items()} for row in csv.DictReader(f)]
+    if not rows or "name" not in rows[0]:
+        raise UserError(f"{path} needs a header with a 'name' column and at least one row")
+    return rows
+
+
+def sweep_arguments(row: dict[str, str], runs_dir: Path) -> list[str]:
+    """train.py options for one row: --<column> <value> ..., and --out <runs_dir>/<name>."""
+    args = []
+    for column, value in row.items():
+        if column != "name":
+            args += [f"--{column}", value] if value.lower() != "true" else [f"--{column}"]
+    return args + ["--out", str(Path(runs_dir) / row["name"])]
+
+
+def run_row(sweep_file: Path, index: int, runs_dir: Path, train_args: list[str]) -> int:
+    rows = read_sweep(sweep_file)
+    if not 0 <= index < len(rows):
+        raise UserError(f"row {index} does not exist: {sweep_file} has rows 0 to {len(rows) - 1}")
+    return train.main(train_args + sweep_arguments(rows[index], runs_dir))
+
+
+# %% [markdown]
+# ## Gathering the results
+#
+# Every run directory holds `config.json` and `metrics.jsonl`, so comparing runs needs no
+# database and no network: read them, print one row per run, and plot the validation
+# accuracy of each run per epoch.
+
+# %%
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run directories among paths and their sub-directories (those with metrics.jsonl)."""
+    runs = []
+    for path in map(Path, paths):
+        candidates = [path] if (path / "metrics.jsonl").is_file() else sorted(path.glob("**/metrics.jsonl"))
+        runs += [c if c.is_dir() else c.parent for c in candidates]
+    return sorted(set(runs))
+
+
+def run_summary(run: Path) -> dict:
+    config = json.loads((run / "config.json").read_text())
+    metrics = train.read_metrics(run)
+    options = config["options"]
+    last = metrics[-1] if metrics else {}
+    return {"run": run.name, "arch": options["arch"], "lr": options["lr"],
+            "global_batch": config.get("global_batch_size", options["batch_size"]),
+            "processes": config.get("world_size", 1), "epochs": len(metrics),
+            "val_acc": last.get("val_acc", float("nan")),
+            "best_val_acc": max((m["val_acc"] for m in metrics), default=float("nan")),
+            "images_per_sec": last.get("images_per_sec", float("nan")),
+            "minutes": sum(m["epoch_seconds"] for m in metrics) / 60, "metrics": metrics}
+
+
+def format_table(summaries: list[dict]) -> str:
+    columns = ["run", "arch", "lr", "global_batch", "processes", "epochs", "val_acc", "best_val_acc",
+               "images_per_sec", "minutes"]
+    cells = [[f"{s[c]:.4g}" if isinstance(s[c], float) else str(s[c]) for c in columns] for s in summaries]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def plot_runs(summaries: list[dict], path: Path | None = None):
+    import matplotlib
+    if path is not None:
+        matplotlib.use("Agg")  # a batch job has no display
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for s in summaries:
+        ax.plot([m["epoch"] for m in s["metrics"]], [m["val_acc"] for m in s["metrics"]], marker="o",
+                label=f"{s['run']} (lr {s['lr']:g}, batch {s['global_batch']})")
+    ax.set_xlabel("epoch"); ax.set_ylabel("validation accuracy"); ax.legend(fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        plt.close(fig)
+    return fig
+
+
+def gather(paths: list[Path], plot: Path | None = None) -> list[dict]:
+    runs = find_runs(paths)
+    if not runs:
+        raise UserError(f"no run directories (with metrics.jsonl) in {', '.join(map(str, paths))}")
+    summaries = [run_summary(run) for run in runs]
+    print(format_table(summaries))
+    best = max(summaries, key=lambda s: s["best_val_acc"])
+    print(f"best: {best['run']} (best_val_acc={best['best_val_acc']:.4f})")
+    if plot:
+        plot_runs(summaries, plot)
+        print(f"plot written to {plot}")
+    return summaries
+
+
+# %% [markdown]
+# ## The command-line tool
+
+# %%
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sweep.py", description="Run one row of a sweep; gather runs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="train with the settings of one row of a sweep file",
+                       epilog="Options after ROW go to train.py, e.g. --data DIR --epochs 5.")
+    p.add_argument("sweep_file", type=Path)
+    p.add_argument("row", type=int, help="row number from 0 (in a job array: $SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs/sweep"), help="parent of the run directories")
+    p = sub.add_parser("gather", help="table and plot of finished runs")
+    p.add_argument("paths", type=Path, nargs="+", help="run directories or directories holding them")
+    p.add_argument("--plot", type=Path, default=None, help="write the accuracy plot to this PNG")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = build_parser().parse_known_args(argv)
+    if args.command == "run":
+        return run_row(args.sweep_file, args.row, args.runs_dir, rest)
+    if rest:
+        raise UserError(f"unknown options for gather: {' '.join(rest)}")
+    gather(args.paths, args.plot)
+    return 0
+
+
+# %% tags=["active-py"]
+if __name__ == "__main__":
+    run_cli(main)
+
+# %% [markdown]
+# ## Try it: two runs at once
+#
+# We start both rows of the sweep file at the same time, as the two job steps of
+# `slurm/sweep_steps.sbatch` would, each restricted to one CPU thread (on the cluster:
+# one GPU each). Then we gather them.
+
+# %% tags=["active-ipynb"]
+# import os
+# import subprocess
+# from data import make_synthetic
+# if not Path(data_dir).exists():
+#     make_synthetic(data_dir, classes=10, per_class=(40, 10, 10), image_size=image_size)
+# common = ["--data", data_dir, "--arch", "resnet18", "--weights", "none", "--image-size", str(image_size),
+#           "--epochs", str(epochs), "--workers", "0"]
+# env = {**os.environ, "OMP_NUM_THREADS": "1"}
+# jobs = [subprocess.Popen([sys.executable, "../scripts/sweep.py", "run", sweep_file, str(row), "--runs-dir", runs_dir,
+#                           *common], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+#         for row in range(len(read_sweep(sweep_file)))]
+# for job in jobs:
+#     print(job.communicate()[0].strip().splitlines()[-1])
+#     assert job.returncode == 0
+
+# %% tags=["active-ipynb"]
+# summaries = gather([runs_dir])
+# fig = plot_runs(summaries)
+
+# %% [markdown]
+# Read the table: which learning rate won, and did both runs take about the same time?
+# They did not wait for each other, so two runs cost one run's wall time on two devices.
+#
+# ## Exercises
+#
+# **1.** A sweep of 12 settings, each needing 1 GPU for 30 minutes, on a cluster where
+# you may use 4 GPUs at once. How many minutes until all results are in, at best?
+
+# %% tags=["active-ipynb"]
+# minutes = None  # your answer
+
+# %% tags=["active-ipynb"]
+# print("Correct: 12 runs / 4 GPUs = 3 rounds of 30 minutes." if minutes == 12 // 4 * 30 else
+#       "Not yet. Hint: independent runs do not slow each other down; count rounds of 4 runs.")
+
+# %% [markdown]
+# <details><summary>Solution</summary>
+#
+# ```python
+# minutes = 12 // 4 * 30
+# ```
+# </details>
+#
+# **2.** Add a third row to a copy of `slurm/sweep.csv` with another batch size. Which
+# `#SBATCH` line of `slurm/sweep_array.sbatch` must change to run it?

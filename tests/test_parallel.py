@@ -1,0 +1,138 @@
+"""Parallel training gives the single-device result: DDP (1, 2, 3 processes), DataParallel, sweeps."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import sweep
+import train
+import train_ddp
+from conftest import TINY, cpu_env, run_script, run_torchrun
+
+GLOBAL_BATCH = 12  # 96 training images: 8 steps per epoch for 1, 2 and 3 processes
+VALID_IMAGES = TINY["classes"] * TINY["per_class"][1] - 1  # 29: neither 2 nor 3 divides it
+
+
+@pytest.fixture(scope="module")
+def odd_data(tiny_data, tmp_path_factory) -> Path:
+    root = Path(shutil.copytree(tiny_data, tmp_path_factory.mktemp("odd") / "birds"))
+    next((root / "valid").glob("*/001.jpg")).unlink()
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(odd_data, standin_weights, tmp_path_factory) -> dict[str, Path]:
+    """One epoch with a frozen pretrained-style backbone and a fixed data order, four ways."""
+    out = tmp_path_factory.mktemp("parallel")
+
+    def args(name: str, batch: int) -> list:
+        return ["--data", odd_data, "--arch", "resnet18", "--weights", standin_weights, "--image-size", 32,
+                "--batch-size", batch, "--workers", 0, "--epochs", 1, "--no-shuffle", "--lr", 0.01,
+                "--out", out / name]
+
+    results = {
+        "single": run_script("train.py", *args("single", GLOBAL_BATCH)),
+        "dp": run_script("train_dp.py", *args("dp", GLOBAL_BATCH)),
+        "ddp2": run_torchrun(2, "train_ddp.py", *args("ddp2", GLOBAL_BATCH // 2)),
+        "ddp3": run_torchrun(3, "train_ddp.py", *args("ddp3", GLOBAL_BATCH // 3)),
+    }
+    for name, result in results.items():
+        assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
+        (out / name / "stdout.txt").write_text(result.stdout)
+    return {name: out / name for name in results}
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "last.pt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("name", ["ddp2", "ddp3"])
+def test_ddp_ends_with_the_weights_of_one_process_with_the_global_batch(runs, name):
+    single, parallel = weights(runs["single"]), weights(runs[name])
+    assert single.keys() == parallel.keys()
+    assert not torch.equal(single["head.weight"], torch.zeros_like(single["head.weight"]))
+    for key in single:
+        assert torch.allclose(single[key], parallel[key], atol=1e-5), key
+
+
+def test_dataparallel_ends_with_the_single_device_weights(runs):
+    single, dp = weights(runs["single"]), weights(runs["dp"])
+    assert all(torch.equal(single[k], dp[k]) for k in single)
+    assert "notice: DataParallel needs 2 or more GPUs, 0 visible" in (runs["dp"] / "stdout.txt").read_text()
+
+
+def test_validation_counts_every_image_once_for_any_world_size(runs):
+    results = {name: train.read_metrics(runs[name])[-1] for name in ["single", "ddp2", "ddp3"]}
+    assert {name: m["val_samples"] for name, m in results.items()} == {n: VALID_IMAGES for n in results}
+    assert results["ddp2"]["val_acc"] == results["single"]["val_acc"] == results["ddp3"]["val_acc"]
+    for name in ["ddp2", "ddp3"]:
+        assert results[name]["val_loss"] == pytest.approx(results["single"]["val_loss"], rel=1e-5)
+        assert results[name]["train_samples"] == 96
+
+
+def test_only_rank_0_reports_but_every_rank_says_where_it_runs(runs):
+    stdout = (runs["ddp3"] / "stdout.txt").read_text()
+    assert sorted(line.split()[1] for line in stdout.splitlines() if line.startswith("rank ")) == ["0/3", "1/3", "2/3"]
+    assert stdout.count("summary: ") == 1 and stdout.count("run directory") == 1
+    assert "processes 3 | batch per process 4 | global batch 12 | lr 0.01" in stdout
+    config = train.json.loads((runs["ddp3"] / "config.json").read_text())
+    assert config["world_size"] == 3 and config["global_batch_size"] == 12
+
+
+# --- launcher detection --------------------------------------------------------------------
+
+def test_srun_is_detected_from_slurm_variables():
+    launch = train_ddp.detect_launch({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
+                                      "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "gpu[07-08,11],cpu3",
+                                      "SLURM_JOB_ID": "123456"})
+    assert launch == train_ddp.Launch("srun", 5, 1, 8, "gpu07", 20000 + 123456 % 20000)
+
+
+def test_two_jobs_get_different_ports():
+    assert train_ddp.port_for_job("1001") != train_ddp.port_for_job("1002")
+    assert 20000 <= train_ddp.port_for_job("99999999") < 40000
+
+
+def test_torchrun_is_detected_from_its_variables():
+    launch = train_ddp.detect_launch({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "node1",
+                                      "MASTER_PORT": "29400", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0"})
+    assert launch == train_ddp.Launch("torchrun", 3, 1, 4, "node1", 29400)
+
+
+def test_plain_python_and_a_batch_script_without_srun_are_one_process():
+    assert train_ddp.detect_launch({}) == train_ddp.Launch("python", 0, 0, 1)
+    batch_step = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "node[1-2]"}  # no step id
+    assert train_ddp.detect_launch(batch_step).world_size == 1
+
+
+@pytest.mark.parametrize("nodelist,first", [("node1", "node1"), ("node[1-2]", "node1"), ("a01,a02", "a01"),
+                                            ("gpu-[003-004]", "gpu-003")])
+def test_first_host_of_a_node_list(nodelist, first):
+    assert train_ddp.first_host(nodelist) == first
+
+
+# --- independent runs ------------------------------------------------------------------------
+
+def test_sweep_rows_become_separate_runs_and_gather_tables_them(tiny_data, tmp_path, capsys):
+    sweep_file = tmp_path / "sweep.csv"
+    sweep_file.write_text("name,lr,batch-size\nslow,0.0003,8\nfast,0.003,16\n")
+    common = ["--data", str(tiny_data), "--arch", "resnet18", "--weights", "none", "--image-size", "32",
+              "--workers", "0", "--epochs", "1"]
+    for row in (0, 1):
+        assert sweep.main(["run", str(sweep_file), str(row), "--runs-dir", str(tmp_path / "runs"), *common]) == 0
+    capsys.readouterr()
+    summaries = sweep.gather([tmp_path / "runs"], plot=tmp_path / "sweep.png")
+    table = capsys.readouterr().out
+    assert [(s["run"], s["lr"], s["global_batch"]) for s in summaries] == [("fast", 0.003, 16), ("slow", 0.0003, 8)]
+    assert table.splitlines()[0].split()[:3] == ["run", "arch", "lr"]
+    assert "fast" in table and "slow" in table and "best: " in table
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_sweep_row_that_does_not_exist_is_one_line(tmp_path):
+    (tmp_path / "sweep.csv").write_text("name,lr\na,0.1\n")
+    result = run_script("sweep.py", "run", tmp_path / "sweep.csv", 3, env=cpu_env())
+    assert result.returncode == 2 and "row 3 does not exist" in result.stderr and result.stderr.count("\n") == 1

@@ -1,0 +1,292 @@
+"""The Open OnDemand app in ondemand/: its templates render, ask Slurm for what the form
+asked for, and start the course's JupyterLab as a real job on the local Slurm cluster.
+
+OnDemand itself is not needed: Ruby's ERB renders the templates with stand-ins for the
+dashboard's context, and a wrapper does what OnDemand's "basic" batch-connect script does
+(helpers, `host`, source before.sh, fork script.sh, write connection.yml).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, unavailable
+
+APP = ROOT / "ondemand"
+TEMPLATES = ["submit.yml.erb", "view.html.erb", "template/before.sh.erb", "template/script.sh.erb"]
+APT_RUBY = "apt-get update && apt-get install -y --no-install-recommends ruby"
+
+# Form choices as the browser sends them (strings); unset fields keep form.yml's defaults.
+CHOICES = {
+    "defaults": {},
+    "gpu-4x8": {"partition": "gpu", "num_gpus": "4", "cpus_per_gpu": "8", "num_hours": "12"},
+    "cpu-only": {"partition": "cpu", "num_gpus": "0", "cpus_per_gpu": "3", "num_hours": "1"},
+}
+
+# Renders the app as the dashboard does (ERB, trim_mode "-"): submit.yml.erb sees the form
+# attributes as bare methods, template/*.erb as `context.<attr>`, view.html.erb sees the
+# connection's host/port/password. A Struct makes a misspelt attribute an error.
+RENDER_RB = r"""
+require "erb"; require "json"
+req = JSON.parse($stdin.read)
+attrs = req["attrs"]
+context = Struct.new(*attrs.keys.map(&:to_sym), keyword_init: true).new(**attrs.transform_keys(&:to_sym))
+session = Struct.new(:id, :staged_root).new("test-session", req["work_dir"])
+render = ->(name, b) { ERB.new(File.read(File.join(req["app"], name)), trim_mode: "-").result(b) }
+out = {}
+req["files"].each do |name|
+  b = case name
+      when "submit.yml.erb" then context.instance_eval { binding }
+      when "view.html.erb"
+        host, port, password = req["conn"].values_at("host", "port", "password"); binding
+      else binding
+      end
+  out[name] = render.(name, b)
+end
+puts JSON.generate(out)
+"""
+
+# Stand-ins for the bash helpers OnDemand defines in its job script (ood_core's
+# batch_connect template), with /dev/tcp instead of nc, which the nodes may lack.
+OOD_WRAPPER = r"""#!/usr/bin/env bash
+port_used() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+find_port() {
+  local port
+  while port=$(shuf -i "${2:-2000}-${3:-65535}" -n 1) && port_used "${1:-localhost}" "$port"; do :; done
+  echo "$port"
+}
+create_passwd() { tr -cd '[:alnum:]' </dev/urandom | head -c "${1:-32}"; }
+export -f port_used find_port create_passwd
+cd "@WORK_DIR@"  # OnDemand cds into the session directory it staged
+host=$(hostname)
+[[ -e before.sh ]] && source before.sh
+./script.sh &
+SCRIPT_PID=$!
+(umask 077; printf 'host: %s\nport: %s\npassword: %s\n' "$host" "$port" "$password" >connection.yml)
+wait "$SCRIPT_PID"
+"""
+
+
+def form_attrs(choice: dict) -> dict[str, str]:
+    """form.yml's values (a select's first option by default) overlaid with the choice."""
+    form = yaml.safe_load((APP / "form.yml").read_text())
+    attrs = {}
+    for name in form["form"]:
+        spec = form["attributes"][name]
+        attrs[name] = str(spec["value"] if "value" in spec else spec["options"][0][1])
+    assert set(choice) <= set(attrs), "a choice names a field the form lacks"
+    return {**attrs, **choice}
+
+
+def render(choice: dict, work_dir: Path, conn: dict | None = None) -> dict[str, str]:
+    if not shutil.which("ruby"):
+        unavailable(f"no Ruby to render the ERB templates ({APT_RUBY})")
+    req = {"app": str(APP), "attrs": form_attrs(choice), "files": TEMPLATES, "work_dir": str(work_dir),
+           "conn": conn or {"host": "node1", "port": 8888, "password": "secret"}}
+    done = subprocess.run(["ruby", "-e", RENDER_RB], input=json.dumps(req), capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def native(rendered: dict) -> dict[str, str]:
+    submit = yaml.safe_load(rendered["submit.yml.erb"])
+    assert submit["batch_connect"]["template"] == "basic"
+    return dict(opt.split("=", 1) for opt in submit["script"]["native"])
+
+
+def test_manifest_and_form_follow_ondemand_conventions():
+    manifest = yaml.safe_load((APP / "manifest.yml").read_text())
+    form = yaml.safe_load((APP / "form.yml").read_text())
+    assert manifest["role"] == "batch_connect" and manifest["name"]
+    assert form["cluster"] and set(form["form"]) == set(form["attributes"])
+    assert os.access(APP / "template/script.sh.erb", os.X_OK), "OnDemand runs ./script.sh"
+
+
+@pytest.mark.parametrize("name", CHOICES)
+def test_every_template_renders(name, tmp_path):
+    rendered = render(CHOICES[name], tmp_path)
+    for sh in ("template/before.sh.erb", "template/script.sh.erb"):
+        check = subprocess.run(["bash", "-n"], input=rendered[sh], capture_output=True, text=True)
+        assert check.returncode == 0, f"{sh}: {check.stderr}"
+    assert f"\n{form_attrs(CHOICES[name])['env_activate']}\n" in rendered["template/script.sh.erb"]
+    assert "/node/node1/8888/lab/tree/notebooks?token=secret" in rendered["view.html.erb"]
+
+
+@pytest.mark.parametrize("name", CHOICES)
+def test_submission_asks_slurm_for_what_the_form_asked(name, tmp_path):
+    attrs = form_attrs(CHOICES[name])
+    gpus, per_gpu, hours = int(attrs["num_gpus"]), int(attrs["cpus_per_gpu"]), int(attrs["num_hours"])
+    expected = {"--nodes": "1", "--ntasks": "1", "--cpus-per-task": str(max(gpus, 1) * per_gpu),
+                "--time": f"{hours:02d}:00:00", "--partition": attrs["partition"]}
+    if gpus:
+        expected["--gpus-per-node"] = str(gpus)
+    assert native(render(CHOICES[name], tmp_path)) == expected
+
+
+def test_cpu_only_choice_requests_no_gpu(tmp_path):
+    opts = native(render(CHOICES["cpu-only"], tmp_path))
+    assert opts["--partition"] == "cpu" and opts["--cpus-per-task"] == "3"
+    assert not any(opt.startswith("--gpu") for opt in opts)
+
+
+def get(url: str, token: str | None, data: dict | None = None, timeout: float = 5):
+    """GET (POST with data) without any proxy from the environment: traffic stays on 127.0.0.x."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    headers = {"Authorization": f"token {token}"} if token else {}
+    body = json.dumps(data).encode() if data is not None else None
+    with opener.open(urllib.request.Request(url, body, headers), timeout=timeout) as response:
+        return response.status, response.read().decode()
+
+
+async def run_cell(url: str, code: str, timeout: float = 20) -> str:
+    """Execute code over the kernel's websocket (Jupyter's JSON protocol); return its stdout."""
+    from tornado.websocket import websocket_connect
+
+    ws = await asyncio.wait_for(websocket_connect(url), timeout)
+    msg_id = uuid.uuid4().hex
+    header = {"msg_id": msg_id, "msg_type": "execute_request", "session": uuid.uuid4().hex,
+              "username": "test", "version": "5.3"}
+    content = {"code": code, "silent": False, "store_history": False, "user_expressions": {},
+               "allow_stdin": False}
+    ws.write_message(json.dumps({"header": header, "parent_header": {}, "metadata": {},
+                                 "content": content, "channel": "shell", "buffers": []}))
+    out = ""
+    try:
+        while True:
+            raw = await asyncio.wait_for(ws.read_message(), timeout)
+            assert raw is not None, "the kernel's websocket closed"
+            msg = json.loads(raw)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "stream":
+                out += msg["content"]["text"]
+            elif msg["msg_type"] == "error":
+                raise AssertionError("\n".join(msg["content"]["traceback"]))
+            elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                return out
+    finally:
+        ws.close()
+
+
+def pids_with(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            pass
+    return found
+
+
+def slurm(*args: str) -> str:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=30, check=True).stdout
+
+
+def job_state(job: str) -> str:
+    done = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
+    return next((w.split("=", 1)[1] for w in done.stdout.split() if w.startswith("JobState=")), "GONE")
+
+
+def job_log(job: str, log: Path) -> str:
+    return log.read_text() if log.exists() else f"(no output yet; job {job} is {job_state(job)})"
+
+
+def test_jupyterlab_runs_as_a_slurm_job_with_the_course_kernel(tmp_path):
+    venv = ROOT / ".venv"
+    if not shutil.which("sinfo") or subprocess.run(["sinfo"], capture_output=True).returncode != 0:
+        unavailable("no Slurm cluster answers `sinfo` (bash tests/slurm/cluster.sh up)")
+    choice = {"partition": "gpu", "num_gpus": "1", "cpus_per_gpu": "2", "num_hours": "1",
+              "course_dir": str(ROOT), "env_activate": f"source {venv}/bin/activate"}
+    rendered = render(choice, tmp_path)
+    for name in ("before.sh", "script.sh"):
+        (tmp_path / name).write_text(rendered[f"template/{name}.erb"])
+    (tmp_path / "script.sh").chmod(0o755)
+    (tmp_path / "job.sh").write_text(OOD_WRAPPER.replace("@WORK_DIR@", str(tmp_path)))
+    options = [f"{k}={v}" for k, v in native(rendered).items()]
+    job = slurm("sbatch", "--parsable", "--job-name=ondemand-test", f"--chdir={tmp_path}",
+                f"--output={tmp_path}/output.log", *options, str(tmp_path / "job.sh")).strip()
+    log = tmp_path / "output.log"
+    try:
+        deadline = time.monotonic() + 45
+        conn_file = tmp_path / "connection.yml"
+        status = None
+        while time.monotonic() < deadline and status is None:
+            time.sleep(0.5)
+            assert job_state(job) in ("PENDING", "CONFIGURING", "RUNNING"), job_log(job, log)
+            if not conn_file.exists():
+                continue
+            conn = yaml.safe_load(conn_file.read_text())
+            addr = socket.gethostbyname(conn["host"])
+            base = f"http://{addr}:{conn['port']}/node/{conn['host']}/{conn['port']}"
+            try:
+                status, _ = get(f"{base}/api/status", conn["password"])
+            except OSError:
+                pass
+        assert status == 200, f"JupyterLab did not answer in 45 s:\n{job_log(job, log)}"
+        assert addr.startswith("127.0.0.") and conn["host"] in ("node1", "node2")
+
+        _, body = get(f"{base}/api/kernelspecs", conn["password"])
+        specs = json.loads(body)
+        course = specs["kernelspecs"]["hpc-dl-course"]["spec"]
+        assert Path(course["argv"][0]).parent == venv / "bin", "the kernel must run the course's env"
+        assert specs["default"] == "hpc-dl-course" and "python3" in specs["kernelspecs"]
+        # A cell runs in the course kernel, through the websocket a browser would use.
+        new = {"name": "hpc-dl-course", "path": "notebooks"}
+        kernel = json.loads(get(f"{base}/api/kernels", conn["password"], new)[1])["id"]
+        ws = f"ws{base[4:]}/api/kernels/{kernel}/channels?token={conn['password']}"
+        code = "import os, sys; print(sys.prefix, os.getcwd(), os.environ['CUDA_VISIBLE_DEVICES'])"
+        output = asyncio.run(run_cell(ws, code))
+        # The kernel is the course's env, starts in notebooks/ and sees the job's one GPU
+        # (a fake one: its index depends on what other jobs hold).
+        prefix, cwd, gpu = output.split()
+        assert (prefix, cwd) == (str(venv), str(ROOT / "notebooks")) and gpu in "0 1 2 3".split()
+        _, body = get(f"{base}/api/contents/notebooks", conn["password"])
+        assert "train.ipynb" in {item["name"] for item in json.loads(body)["content"]}
+        # The view's "Connect" link, as the proxy forwards it (same path), logs in by its token.
+        link = render(choice, tmp_path, conn)["view.html.erb"].split('href="')[1].split('"')[0]
+        status, page = get(f"http://{addr}:{conn['port']}{link}", None)
+        assert status == 200 and "JupyterLab" in page
+        assert f"CUDA_VISIBLE_DEVICES={gpu}," in log.read_text(), "the job's and kernel's GPU differ"
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    deadline, ended = time.monotonic() + 20, ("CANCELLED", "COMPLETED", "FAILED", "GONE")
+    while job_state(job) not in ended and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert job_state(job) in ended
+    while time.monotonic() < deadline:  # JupyterLab goes with the job
+        try:
+            socket.create_connection((addr, conn["port"]), timeout=1).close()
+        except OSError:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"JupyterLab still answers on {addr}:{conn['port']} after scancel")
+    while pids_with(f"kernel-{kernel}") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not pids_with(f"kernel-{kernel}"), "the kernel outlived its job"
+
+
+def test_default_conda_activation_works_in_a_batch_shell(tmp_path):
+    """`conda activate` fails in a batch shell without conda's hook; the script loads it."""
+    script = render({}, tmp_path)["template/script.sh.erb"]
+    block = script.split("# >>> course environment")[1].split("\n", 1)[1].split("# <<< course")[0]
+    fake = tmp_path / "bin" / "conda"  # a conda whose hook defines the `conda` function
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho \'conda() { echo "hooked conda $*"; }\'\n')
+    fake.chmod(0o755)
+    done = subprocess.run(["bash", "-c", block], capture_output=True, text=True,
+                          env={**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"})
+    assert done.stdout == "hooked conda activate hpc-dl-course\n", done.stderr

@@ -1,0 +1,166 @@
+"""Every Slurm file in slurm/ runs for real, unchanged, on a two-node Slurm cluster.
+
+The cluster is tests/slurm/cluster.sh (started here when possible, or by .ci/run). What must
+shrink for a test (data, model, epochs, image size) is passed the way a user would: through
+the environment variables that slurm/env.sh reads, and sbatch options on the command line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+import data
+from conftest import ROOT, cpu_env, unavailable
+
+SLURM = ROOT / "slurm"
+EPOCHS = 3
+CLASSES, TRAIN, VALID = 4, 40, 10  # measured: 0.75-1.0 validation accuracy after 3 epochs
+CHANCE = 1 / CLASSES
+
+
+def cluster_answers() -> bool:
+    return shutil.which("sinfo") is not None and subprocess.run(
+        ["sinfo"], capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def slurm_data(tmp_path_factory) -> Path:
+    """Enough images per class for 4 ranks to learn in 3 short epochs."""
+    return data.make_synthetic(tmp_path_factory.mktemp("slurm") / "birds", CLASSES, (TRAIN, VALID, 2), 32)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if cluster_answers():
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        unavailable("no Slurm cluster answers and none can be started here (needs root and apt-get)")
+    started = subprocess.run(["bash", str(ROOT / "tests/slurm/cluster.sh"), "up"], capture_output=True, text=True)
+    if started.returncode != 0 or not cluster_answers():
+        unavailable(f"could not start the local Slurm cluster: {started.stderr[-500:]}")
+
+
+class Job:
+    def __init__(self, job_id: str, returncode: int, output: str, runs: Path):
+        self.id, self.returncode, self.output, self.runs = job_id, returncode, output, runs
+
+    def rank_hosts(self) -> dict[int, str]:
+        return {int(m[0]): m[1] for m in re.findall(r"^rank (\d+)/\d+ .*host (\S+)", self.output, re.M)}
+
+
+def submit(name: str, slurm_data: Path, tmp: Path, *sbatch_options: str, log: str = "%x-%j.out", **env_extra) -> Job:
+    """sbatch --wait the unchanged file, with a tiny configuration; return what it did."""
+    env = cpu_env(**env_extra,BIRDS_DATA=str(slurm_data), RUNS=str(tmp / "runs"), STAGE_DIR=str(tmp / "node-local"),
+                  ARCH="resnet18", WEIGHTS="none", EPOCHS=str(EPOCHS), IMAGE_SIZE="32", BATCH_SIZE="4",
+                  EXTRA_ARGS="--workers 0 --lr 0.003")
+    env.pop("CUDA_VISIBLE_DEVICES")  # Slurm sets it from the (fake) GPUs, as on a real cluster
+    result = subprocess.run(["sbatch", "--wait", "--parsable", "--cpus-per-task=1", f"--output={tmp}/{log}",
+                             *sbatch_options, str(SLURM / name)],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    job_id = result.stdout.strip().split(";")[0]
+    output = "".join(p.read_text() for p in sorted(tmp.glob("*.out")))
+    return Job(job_id, result.returncode, output + result.stderr, tmp / "runs")
+
+
+def assert_trained(run: Path, epochs: int = EPOCHS) -> dict:
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == list(range(1, epochs + 1)), run
+    best = max(m["val_acc"] for m in metrics)
+    assert best > CHANCE, f"{run}: best val_acc {best} is not above chance {CHANCE:.3f}"
+    assert all(m["val_samples"] == CLASSES * VALID for m in metrics)
+    return json.loads((run / "config.json").read_text())
+
+
+def assert_staged_on(job: Job, hosts: set[str]) -> None:
+    assert set(re.findall(r"^staged on (\S+) in", job.output, re.M)) == hosts, job.output[-2000:]
+
+
+def test_every_slurm_file_has_a_test():
+    tested = {name for name in globals() if name.startswith("test_sbatch_")}
+    expected = {"test_sbatch_" + p.stem for p in SLURM.glob("*.sbatch")}
+    assert tested == expected, f"Slurm files without a test: {sorted(expected - tested)}"
+
+
+@pytest.mark.parametrize("path", sorted(SLURM.glob("*.sbatch")), ids=lambda p: p.name)
+def test_every_sbatch_line_is_commented(path):
+    bare = [line for line in path.read_text().splitlines() if line.startswith("#SBATCH") and " # " not in line]
+    assert bare == []
+
+
+def test_sbatch_train(cluster, slurm_data, tmp_path):
+    job = submit("train.sbatch", slurm_data, tmp_path)
+    assert job.returncode == 0, job.output[-3000:]
+    config = assert_trained(job.runs / f"{job.id}-train")
+    assert config["world_size"] == 1 and config["slurm_job_id"] == job.id
+    assert len(job.rank_hosts()) == 0 and "summary: epochs=3/3" in job.output
+    assert_staged_on(job, {config["host"]})
+
+
+def test_sbatch_train_dp(cluster, slurm_data, tmp_path):
+    job = submit("train_dp.sbatch", slurm_data, tmp_path)
+    assert job.returncode == 0, job.output[-3000:]
+    assert_trained(job.runs / f"{job.id}-dp")
+    assert "notice: DataParallel needs 2 or more GPUs, 0 visible" in job.output
+
+
+def run_times(run: Path) -> tuple[float, float]:
+    started = datetime.fromisoformat(json.loads((run / "config.json").read_text())["started"]).timestamp()
+    return started, (run / "metrics.jsonl").stat().st_mtime
+
+
+def tiny_sweep(tmp: Path) -> str:
+    """Two learning rates with a batch small enough for the tiny dataset (96 images)."""
+    (tmp / "sweep.csv").write_text("name,lr,batch-size\nlr-1e-3,0.001,8\nlr-3e-3,0.003,8\n")
+    return str(tmp / "sweep.csv")
+
+
+def test_sbatch_sweep_steps(cluster, slurm_data, tmp_path):
+    job = submit("sweep_steps.sbatch", slurm_data, tmp_path, SWEEP=tiny_sweep(tmp_path))
+    assert job.returncode == 0, job.output[-3000:]
+    sweep = job.runs / f"{job.id}-sweep"
+    configs = {run: assert_trained(sweep / run) for run in ("lr-1e-3", "lr-3e-3")}
+    assert configs["lr-1e-3"]["options"]["lr"] == 0.001 and configs["lr-3e-3"]["options"]["lr"] == 0.003
+    (start_a, end_a), (start_b, end_b) = run_times(sweep / "lr-1e-3"), run_times(sweep / "lr-3e-3")
+    assert start_a < end_b and start_b < end_a, "the two job steps did not run at the same time"
+    assert re.search(r"^run\s+arch\s+lr", job.output, re.M) and "best: lr-" in job.output
+    assert (sweep / "sweep.png").is_file()
+
+
+def test_sbatch_sweep_array(cluster, slurm_data, tmp_path):
+    job = submit("sweep_array.sbatch", slurm_data, tmp_path, log="%x-%A_%a.out", SWEEP=tiny_sweep(tmp_path))
+    assert job.returncode == 0, job.output[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("*.out")) == [f"sweep-array-{job.id}_0.out", f"sweep-array-{job.id}_1.out"]
+    runs = sorted(p.parent.name for p in (job.runs / f"{job.id}-sweep").glob("*/metrics.jsonl"))
+    assert runs == ["lr-1e-3", "lr-3e-3"]
+    for run in runs:
+        assert_trained(job.runs / f"{job.id}-sweep" / run)
+
+
+def assert_ddp(job: Job, world_size: int, hosts: set[str], launcher: str) -> None:
+    assert job.returncode == 0, job.output[-3000:]
+    assert set(job.rank_hosts()) == set(range(world_size)), job.output[-3000:]
+    assert set(job.rank_hosts().values()) == hosts
+    assert job.output.count(f"launcher {launcher}") == world_size
+    config = assert_trained(job.runs / f"{job.id}-ddp")
+    assert config["world_size"] == world_size and config["global_batch_size"] == 4 * world_size
+    assert_staged_on(job, hosts)
+
+
+def test_sbatch_ddp_srun_1node(cluster, slurm_data, tmp_path):
+    job = submit("ddp_srun_1node.sbatch", slurm_data, tmp_path)
+    assert_ddp(job, 2, {next(iter(job.rank_hosts().values()), "?")}, "srun")
+
+
+def test_sbatch_ddp_srun_multinode(cluster, slurm_data, tmp_path):
+    assert_ddp(submit("ddp_srun_multinode.sbatch", slurm_data, tmp_path), 4, {"node1", "node2"}, "srun")
+
+
+def test_sbatch_ddp_torchrun_multinode(cluster, slurm_data, tmp_path):
+    assert_ddp(submit("ddp_torchrun_multinode.sbatch", slurm_data, tmp_path), 4, {"node1", "node2"}, "torchrun")

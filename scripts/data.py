@@ -261,7 +261,8 @@ class BirdImages(Dataset):
     """One split of the dataset: returns (image tensor, label)."""
 
     def __init__(self, root: Path, split: str, classes: list[str] | None = None,
-                 image_size: int = 224, transform: Callable | None = None):
+                 image_size: int = 224, transform: Callable | None = None,
+                 decode_on_device: DecodeOnDevice | None = None):
         self.root = check_dataset_root(root)
         if not (self.root / split).is_dir():
             raise DataError(f"dataset directory {self.root} has no {split}/ folder")
@@ -271,24 +272,77 @@ class BirdImages(Dataset):
             raise DataError(f"{self.root / split} holds no images (.jpg, .jpeg or .png)")
         self.image_size = image_size
         self.transform = transform or build_transform(image_size)
+        self.collate_fn = decode_on_device  # --gpu-decode: items are the files' bytes
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
+        if self.collate_fn is not None:
+            return path.read_bytes(), label  # bytes, not a tensor: cheap to pass between processes
         return self.transform(load_rgb(path, self.image_size)), label
 
 
 def load_splits(root: Path, image_size: int = 224, augment: bool = False,
-                normalize: bool = True, splits=("train", "valid")) -> dict[str, BirdImages]:
+                normalize: bool = True, splits=("train", "valid"),
+                gpu_decode: bool = False) -> dict[str, BirdImages]:
     """The named splits, all labelled by the training split's classes."""
     classes = find_classes(check_dataset_root(root))
+    decode = DecodeOnDevice(image_size, normalize) if gpu_decode else None
     return {
         split: BirdImages(root, split, classes, image_size,
-                          build_transform(image_size, augment and split == "train", normalize))
+                          build_transform(image_size, augment and split == "train", normalize), decode)
         for split in splits
     }
+
+
+# %% [markdown]
+# ### Decoding on the GPU (`--gpu-decode`)
+#
+# With many GPUs per node, the CPUs may not decode JPEGs fast enough. With
+# `--gpu-decode` the loader's workers only read each file's bytes; the training process
+# decodes a whole batch at once on the GPU (`torchvision.io.decode_jpeg(...,
+# device="cuda")`, nvJPEG), then resizes and normalises it there. It cannot be combined
+# with `--augment` (the random crops run on the CPU). A PNG or CMYK file, which nvJPEG
+# cannot read, is decoded on the CPU instead.
+
+# %%
+class JpegBatch:
+    """The encoded images of one batch; `.to(device)` decodes them there into a float batch."""
+
+    def __init__(self, data: list[bytes], image_size: int, normalize: bool):
+        self.data, self.image_size, self.normalize = data, image_size, normalize
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def pin_memory(self, *_) -> "JpegBatch":  # the DataLoader pins batches; bytes need not be
+        return self
+
+    def to(self, device, non_blocking: bool = False) -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+        device = torch.device(device)
+        encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in self.data]
+        try:
+            images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # a PNG or a CMYK JPEG in the batch
+            images = [decode_image(d, mode=ImageReadMode.RGB).to(device) for d in encoded]
+        size = [self.image_size, self.image_size]
+        batch = torch.stack([i if list(i.shape[-2:]) == size else T.functional.resize(i, size, antialias=True)
+                             for i in images])
+        batch = T.functional.to_dtype(batch, torch.float32, scale=True)
+        return T.functional.normalize(batch, IMAGENET_MEAN, IMAGENET_STD) if self.normalize else batch
+
+
+class DecodeOnDevice:
+    """The collate function of --gpu-decode: a JpegBatch and a tensor of labels."""
+
+    def __init__(self, image_size: int, normalize: bool):
+        self.image_size, self.normalize = image_size, normalize
+
+    def __call__(self, items: list[tuple[bytes, int]]):
+        return JpegBatch([d for d, _ in items], self.image_size, self.normalize), torch.tensor([label for _, label in items])
 
 
 # %% [markdown]
@@ -318,14 +372,14 @@ def default_num_workers() -> int:
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int, *, shuffle: bool = False,
                 sampler=None, drop_last: bool = False, pin_memory: bool | None = None,
-                prefetch_factor: int = 4, persistent_workers: bool = True) -> DataLoader:
+                prefetch_factor: int = 4, persistent_workers: bool = True, collate_fn=None) -> DataLoader:
     """A DataLoader with the knobs above set sensibly for CPU and GPU."""
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     extra = {"prefetch_factor": prefetch_factor, "persistent_workers": persistent_workers} if workers > 0 else {}
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                       sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      drop_last=drop_last, **extra)
+                      drop_last=drop_last, collate_fn=collate_fn or getattr(dataset, "collate_fn", None), **extra)
 
 
 # %% [markdown]

@@ -176,6 +176,8 @@ class BirdClassifier(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() == 2:  # cached backbone features (train.py --cache-features): only the head runs
+            return self.head(images)
         return self.head(self.backbone(images))
 
 

@@ -60,6 +60,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 from pathlib import Path
 
 from data import UserError, atomic_write, run_cli
@@ -110,7 +111,9 @@ def run_row(sweep_file: Path, index: int, runs_dir: Path, train_args: list[str])
 #
 # Every run directory holds `config.json` and `metrics.jsonl`, so comparing runs needs no
 # database and no network: read them, print one row per run, and plot the validation
-# accuracy of each run per epoch.
+# accuracy of each run per epoch. When a run directory also holds `gpu.csv` (recorded by
+# `slurm/gpu_monitor.sh` in a GPU job), `gather` plots its GPU utilisation and memory
+# into `gpu.png`: a utilisation well below 100 % means the GPU waited.
 
 # %%
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -163,6 +166,36 @@ def plot_runs(summaries: list[dict], path: Path | None = None):
     return fig
 
 
+def plot_gpu_use(run: Path) -> Path:
+    """<run>/gpu.png from the gpu.csv that slurm/gpu_monitor.sh recorded: utilisation and memory per GPU."""
+    from datetime import datetime
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    samples: dict[str, list[tuple[float, float, float]]] = {}
+    with open(run / "gpu.csv", newline="") as f:
+        for row in csv.reader(f, skipinitialspace=True):
+            if len(row) < 4 or not row[2].split()[0].isdigit():  # the header, a cut-off last line
+                continue
+            when = datetime.strptime(row[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            samples.setdefault(row[1], []).append((when, float(row[2].split()[0]), float(row[3].split()[0])))
+    start = min((s[0][0] for s in samples.values()), default=0.0)
+    fig, (util, memory) = plt.subplots(1, 2, figsize=(10, 3))
+    for gpu, values in sorted(samples.items()):
+        minutes = [(t - start) / 60 for t, _, _ in values]
+        util.plot(minutes, [u for _, u, _ in values], label=f"GPU {gpu}")
+        memory.plot(minutes, [m / 1024 for _, _, m in values], label=f"GPU {gpu}")
+        print(f"{run.name}: GPU {gpu} mean utilisation {statistics.mean(u for _, u, _ in values):.0f} %, "
+              f"peak memory {max(m for _, _, m in values) / 1024:.1f} GiB")
+    util.set_ylabel("utilisation %"); memory.set_ylabel("memory used (GiB)")
+    for ax in (util, memory):
+        ax.set_xlabel("minutes"); ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(run / "gpu.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return run / "gpu.png"
+
+
 def gather(paths: list[Path], plot: Path | None = None) -> list[dict]:
     runs = find_runs(paths)
     if not runs:
@@ -174,6 +207,8 @@ def gather(paths: list[Path], plot: Path | None = None) -> list[dict]:
     if plot:
         plot_runs(summaries, plot)
         print(f"plot written to {plot}")
+    for run in (r for r in runs if (r / "gpu.csv").is_file()):  # recorded by slurm/gpu_monitor.sh
+        print(f"GPU use plotted in {plot_gpu_use(run)}")
     return summaries
 
 

@@ -50,13 +50,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
-import math
 import os
 import platform
 import random
 import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -67,7 +68,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DistributedSampler, TensorDataset
 
 from data import (UserError, atomic_write, default_num_workers, load_splits, make_loader, run_cli)
 from model import ARCHITECTURES, build_model, count_parameters
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64, help="images per step and per process")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule)")
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"],
+                   help="adam is the original workshop's (weight decay added to the gradient)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader processes (default: SLURM_CPUS_PER_TASK, else the CPUs available, at most 8)")
@@ -109,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: auto = bf16 (or fp16) on CUDA, off on CPU")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--cache-features", action="store_true",
+                   help="frozen backbone, no --augment: compute its features once, then train the head on them")
+    p.add_argument("--gpu-decode", action="store_true", help="decode the JPEGs on the GPU (ignored without CUDA)")
+    p.add_argument("--profile", nargs="?", const="profile", default=None, metavar="DIR",
+                   help="write a torch.profiler trace of training steps 2-5 to DIR (relative: in the run directory)")
     p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (0: all)")
     p.add_argument("--log-every", type=int, default=0, help="log a line every N steps in batch jobs (0: 4 per epoch)")
     p.add_argument("--wandb", default="off", choices=["off", "offline", "online"], help="Weights & Biases logging")
@@ -124,6 +131,15 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
     for option, ok in checks.items():
         if not ok:
             raise UserError(f"{option} {getattr(cfg, option[2:].replace('-', '_'))} is out of range: see --help")
+    conflicts = {("cache_features", "finetune"): "--cache-features needs a frozen backbone: drop --finetune",
+                 ("cache_features", "augment"): "--cache-features computes each image's features once, "
+                                                "so random augmentation cannot work: drop --augment",
+                 ("gpu_decode", "augment"): "--gpu-decode does not augment: drop --augment or --gpu-decode"}
+    for (option, other), message in conflicts.items():
+        if getattr(cfg, option) and getattr(cfg, other):
+            raise UserError(message)
+    if cfg.cache_features and cfg.weights == "none":
+        raise UserError("--cache-features needs a frozen pretrained backbone, and with --weights none every layer trains")
     if cfg.workers is None:
         cfg.workers = default_num_workers()
     return cfg
@@ -253,6 +269,7 @@ def run_config(cfg, rt: Runtime, classes: list[str]) -> dict:
         "world_size": rt.world_size,
         "global_batch_size": cfg.batch_size * rt.world_size,
         "device": str(rt.device) if rt.device.type == "cpu" else torch.cuda.get_device_name(rt.device),
+        "visible_gpus": torch.cuda.device_count(),  # DataParallel uses them all (benchmark.py scaling)
         "host": socket.gethostname(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -327,6 +344,77 @@ def load_checkpoint(path: Path, expected: dict) -> dict:
 
 
 # %% [markdown]
+# ## Time limits and preemption: stop cleanly, resume by itself
+#
+# A job that reaches its time limit is killed, and everything since the last checkpoint is
+# lost. The Slurm files ask for a warning instead:
+#
+# ```bash
+# #SBATCH --time=01:00:00        # the limit
+# #SBATCH --signal=USR1@300      # send SIGUSR1 to the job's processes 300 s before it
+# #SBATCH --requeue              # allow the job to be put back in the queue
+# ```
+#
+# On SIGUSR1 the script finishes the current step, writes a checkpoint that includes the
+# position within the epoch, and requeues its own job (`scontrol requeue $SLURM_JOB_ID`).
+# The job keeps its id, so when it starts again it finds the same run directory and
+# `--resume` continues from the checkpoint. SIGTERM (preemption, `scancel`) also stops the
+# run cleanly, without requeueing: Slurm decides about preempted jobs.
+#
+# All ranks must stop after the **same** step, or one would wait for ever in a collective
+# the others never join: every few steps they agree, with one tiny all-reduce, whether
+# any of them was signalled.
+
+# %%
+class StopRequest:
+    """Remembers the first SIGUSR1 or SIGTERM; the training loop checks it between steps."""
+
+    def __init__(self):
+        self.received: str | None = None
+
+    def install(self) -> "StopRequest":
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(signum, self.remember)
+        return self
+
+    def remember(self, signum, frame) -> None:
+        self.received = self.received or signal.Signals(signum).name
+
+
+STOP_CHECK_EVERY = 10  # steps between the ranks' agreements on stopping
+
+
+def agree_to_stop(stop: StopRequest | None, rt: Runtime) -> str | None:
+    """The same answer on every rank: SIGUSR1 if any rank got it, else SIGTERM if any did, else None."""
+    got = stop.received if stop is not None else None
+    votes = rt.all_reduce_sum(torch.tensor([float(got == "SIGUSR1"), float(got == "SIGTERM")], device=rt.device))
+    return "SIGUSR1" if votes[0] > 0 else "SIGTERM" if votes[1] > 0 else None
+
+
+def requeue_slurm_job(rt: Runtime) -> str:
+    """Put this Slurm job back in the queue; it will resume from the same run directory."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return "not a Slurm job: resume by hand with --resume"
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode != 0:
+        return f"could not requeue job {job} ({result.stderr.strip()}): resubmit it with --resume"
+    return f"requeued Slurm job {job}: it resumes from its checkpoint when it starts again"
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can begin an epoch part-way through, after a mid-epoch resume."""
+
+    skip = 0  # indices of this rank to leave out at the start of the epoch
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
+# %% [markdown]
 # ## One epoch of training
 #
 # The loop is the textbook one, with three details that matter for speed:
@@ -337,7 +425,7 @@ def load_checkpoint(path: Path, expected: dict) -> dict:
 # %%
 def to_device(images, labels, device, channels_last: bool):
     images = images.to(device, non_blocking=True)
-    if channels_last:
+    if channels_last and images.dim() == 4:  # not for cached features (--cache-features)
         images = images.contiguous(memory_format=torch.channels_last)
     return images, labels.to(device, non_blocking=True)
 
@@ -354,15 +442,24 @@ def interactive() -> bool:
     return sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
-def train_one_epoch(model, loader, optimizer, scaler, cfg, rt: Runtime, epoch: int, dtype) -> dict:
+def train_one_epoch(model, loader, optimizer, scaler, cfg, rt: Runtime, epoch: int, dtype,
+                    stop: StopRequest | None = None, partial: dict | None = None) -> dict:
+    """One epoch, or its rest after a mid-epoch resume (`partial`: what was done before).
+
+    Returns the epoch's statistics; when asked to stop, returns `stopped_at_step` and the
+    sums so far instead, for the checkpoint.
+    """
     model.train()
-    steps = len(loader) if not cfg.max_steps else min(cfg.max_steps, len(loader))
+    partial = partial or {"step": 0, "loss_sum": 0.0, "seen": 0, "seconds": 0.0}
+    first = partial["step"]
+    steps = first + len(loader) if not cfg.max_steps else min(cfg.max_steps, first + len(loader))
     log_every = cfg.log_every or max(1, steps // 4)
-    loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
-    seen = 0
-    started = time.perf_counter()
-    bar = progress(loader, steps, f"epoch {epoch + 1}", rt.is_main and interactive())
-    for step, (images, labels) in enumerate(bar):
+    # The sums of the steps before a resume are global; only rank 0 carries them on.
+    loss_sum = torch.tensor(partial["loss_sum"] if rt.is_main else 0.0, device=rt.device, dtype=torch.float64)
+    seen = partial["seen"] if rt.is_main else 0
+    started = time.perf_counter() - partial["seconds"]
+    bar = progress(loader, steps - first, f"epoch {epoch + 1}", rt.is_main and interactive())
+    for step, (images, labels) in enumerate(bar, start=first):
         if step >= steps:
             break
         images, labels = to_device(images, labels, rt.device, cfg.channels_last)
@@ -376,6 +473,12 @@ def train_one_epoch(model, loader, optimizer, scaler, cfg, rt: Runtime, epoch: i
         seen += len(labels)
         if not interactive() and (step + 1) % log_every == 0:
             rt.log(f"epoch {epoch + 1} step {step + 1}/{steps} loss {loss.item():.4f}")
+        reason = agree_to_stop(stop, rt) if (step + 1) % STOP_CHECK_EVERY == 0 and step + 1 < steps else None
+        if reason:
+            totals = rt.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), device=rt.device,
+                                                                            dtype=torch.float64)]))
+            return {"stopped_at_step": step + 1, "reason": reason, "loss_sum": totals[0].item(), "seen": int(totals[1].item()),
+                    "seconds": time.perf_counter() - started}
     totals = rt.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), device=rt.device,
                                                                     dtype=torch.float64)]))
     seconds = time.perf_counter() - started
@@ -429,6 +532,92 @@ def evaluate(model, loader, cfg, rt: Runtime, dtype) -> dict:
 
 
 # %% [markdown]
+# ## Speed switches
+#
+# Three options change how the work is done, not what is learned; the `benchmark`
+# notebook measures each of them:
+#
+# * `--cache-features`: a frozen backbone in evaluation mode gives the same features for
+#   an image in every epoch, so, without random augmentation, they are computed **once**
+#   (each process computes its share; a sum across processes gives everyone all of them)
+#   and every epoch trains only the head on them, in the same order, to the same
+#   weights. Not with `--finetune` (the backbone changes every step) nor with `--augment`
+#   (every epoch sees other pixels).
+# * `--gpu-decode`: the JPEGs are decoded on the GPU (see the `data` notebook).
+# * `--profile`: `torch.profiler` records training steps 2 to 5 of the first epoch and
+#   writes a trace that https://ui.perfetto.dev (or `chrome://tracing`) opens, and a
+#   table of the most expensive operations.
+
+# %%
+def use_gpu_decode(cfg, rt: Runtime) -> bool:
+    if cfg.gpu_decode and rt.device.type != "cuda":
+        rt.log("notice: --gpu-decode needs a CUDA device; decoding the JPEGs on the CPU as usual")
+    return cfg.gpu_decode and rt.device.type == "cuda"
+
+
+@torch.no_grad()  # not inference_mode: the head trains on these tensors later
+def backbone_features(model, dataset, cfg, rt: Runtime, dtype) -> TensorDataset:
+    """The frozen backbone's features of every image of dataset, in its order, on every rank."""
+    model.eval()
+    loader = make_loader(dataset, cfg.batch_size, cfg.workers, persistent_workers=False,
+                         sampler=ShardSampler(len(dataset), rt.rank, rt.world_size))
+    rows = torch.arange(rt.rank, len(dataset), rt.world_size, device=rt.device)
+    features = torch.zeros(len(dataset), model.num_features, device=rt.device)
+    labels = torch.zeros(len(dataset), dtype=torch.long, device=rt.device)
+    done = 0
+    for images, batch_labels in loader:
+        images, batch_labels = to_device(images, batch_labels, rt.device, cfg.channels_last)
+        batch_rows = rows[done:done + len(batch_labels)]
+        with autocast(rt.device, dtype):
+            features[batch_rows] = model.backbone(images).float()
+        labels[batch_rows] = batch_labels
+        done += len(batch_labels)
+    return TensorDataset(rt.all_reduce_sum(features).cpu(), rt.all_reduce_sum(labels).cpu())
+
+
+def cached_feature_loaders(model, splits, sampler, cfg, rt: Runtime, dtype):
+    """Loaders of backbone features instead of images; the same sampler gives the same order."""
+    started = time.perf_counter()
+    train, valid = (backbone_features(model, splits[split], cfg, rt, dtype) for split in ("train", "valid"))
+    rt.log(f"cached the backbone features of {len(train)} train and {len(valid)} valid images "
+           f"in {time.perf_counter() - started:.1f}s")
+    return (make_loader(train, cfg.batch_size, 0, sampler=sampler),
+            make_loader(valid, cfg.batch_size, 0, sampler=ShardSampler(len(valid), rt.rank, rt.world_size)))
+
+
+class ProfiledLoader:
+    """The training loader, with torch.profiler recording steps 2 to 5 of its first pass."""
+
+    def __init__(self, loader, directory: Path, rt: Runtime):
+        self.loader, self.directory, self.rt, self.done = loader, Path(directory), rt, False
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if self.done:
+            yield from self.loader
+            return
+        self.done = True
+        from torch.profiler import ProfilerActivity, profile, schedule
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.rt.device.type == "cuda" else [])
+        with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+                     on_trace_ready=self.save) as profiler:
+            for batch in self.loader:
+                yield batch
+                profiler.step()
+
+    def save(self, profiler) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        trace = self.directory / f"trace-rank{self.rt.rank}.json"
+        profiler.export_chrome_trace(str(trace))
+        order = "self_device_time_total" if self.rt.device.type == "cuda" else "self_cpu_time_total"
+        (self.directory / f"top-ops-rank{self.rt.rank}.txt").write_text(
+            profiler.key_averages().table(sort_by=order, row_limit=15) + "\n")
+        self.rt.log(f"profiler trace written to {trace}: open it in https://ui.perfetto.dev")
+
+
+# %% [markdown]
 # ## Putting it together: `fit`
 #
 # `fit` builds data, model and optimizer, resumes when asked, and runs the epochs. Only
@@ -449,11 +638,13 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def fit(cfg, rt: Runtime | None = None) -> dict:
-    """Train according to cfg; return the summary of the last epoch."""
+def fit(cfg, rt: Runtime | None = None, stop: StopRequest | None = None) -> dict:
+    """Train according to cfg; return the summary of the last epoch (or of the stop)."""
     if rt is None:
         device, notices = pick_device(cfg.device)
         rt = Runtime(device=device, notices=notices)
@@ -462,11 +653,11 @@ def fit(cfg, rt: Runtime | None = None) -> dict:
     out = Path(rt.broadcast_object(str(cfg.out or default_run_dir(cfg.arch))))
     if rt.is_main:
         prepare_run_dir(out)
-    splits = load_splits(cfg.data, cfg.image_size, augment=cfg.augment)
+    splits = load_splits(cfg.data, cfg.image_size, augment=cfg.augment, gpu_decode=use_gpu_decode(cfg, rt))
     classes = splits["train"].classes
     check_sizes(cfg, rt, len(splits["train"]), len(splits["valid"]))
-    sampler = DistributedSampler(splits["train"], num_replicas=rt.world_size, rank=rt.rank,
-                                 shuffle=not cfg.no_shuffle, seed=cfg.seed)
+    sampler = ResumableSampler(splits["train"], num_replicas=rt.world_size, rank=rt.rank,
+                               shuffle=not cfg.no_shuffle, seed=cfg.seed)
     train_loader = make_loader(splits["train"], cfg.batch_size, cfg.workers, sampler=sampler)
     val_loader = make_loader(splits["valid"], cfg.batch_size, cfg.workers,
                              sampler=ShardSampler(len(splits["valid"]), rt.rank, rt.world_size))
@@ -483,7 +674,7 @@ def fit(cfg, rt: Runtime | None = None) -> dict:
 
     identity = {"arch": cfg.arch, "num_classes": len(classes), "classes_digest": hash_classes(classes),
                 "finetune": cfg.finetune, "weights": "none" if cfg.weights == "none" else "pretrained"}
-    start_epoch, best_acc = 0, -1.0
+    start_epoch, best_acc, partial = 0, -1.0, None
     if cfg.resume and (out / "last.pt").exists():
         checkpoint = load_checkpoint(out / "last.pt", identity)
         model.load_state_dict(checkpoint["model"])
@@ -492,12 +683,17 @@ def fit(cfg, rt: Runtime | None = None) -> dict:
         scheduler.T_max = cfg.epochs  # more --epochs than before stretches the schedule
         scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"])
-        start_epoch, best_acc = checkpoint["epoch"], checkpoint["best_val_acc"]
-        rt.log(f"resumed from {out / 'last.pt'} after epoch {start_epoch}")
+        start_epoch, best_acc, partial = checkpoint["epoch"], checkpoint["best_val_acc"], checkpoint.get("partial")
+        where = f"epoch {start_epoch + 1} step {partial['step']}" if partial else f"the end of epoch {start_epoch}"
+        rt.log(f"resumed from {out / 'last.pt'} at {where}")
     if rt.is_main:
         kept = [m for m in read_metrics(out) if m["epoch"] <= start_epoch]  # drop epochs redone
         atomic_write(out / "metrics.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(m) + "\n" for m in kept)))
         write_json(out / "config.json", run_config(cfg, rt, classes))
+    if cfg.cache_features:  # the backbone runs once, here; every epoch trains the head on its output
+        train_loader, val_loader = cached_feature_loaders(model, splits, sampler, cfg, rt, dtype)
+    if cfg.profile:
+        train_loader = ProfiledLoader(train_loader, out / cfg.profile, rt)
     train_model = rt.wrap_model(model, cfg)
     if cfg.compile:
         train_model = torch.compile(train_model)
@@ -511,22 +707,33 @@ def fit(cfg, rt: Runtime | None = None) -> dict:
            f"{cfg.batch_size * rt.world_size} | lr {cfg.lr:g} | workers {cfg.workers}")
     wandb_run = start_wandb(cfg, out, run_config(cfg, rt, classes)) if rt.is_main and cfg.wandb != "off" else None
 
+    def checkpoint(epochs_done: int, rng: dict, partial_state: dict | None = None) -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epochs_done,
+                "partial": partial_state, "best_val_acc": best_acc, "rng": rng, "identity": identity}
+
     record = {}
     last_epoch = min(cfg.epochs, start_epoch + cfg.stop_after) if cfg.stop_after else cfg.epochs
     for epoch in range(start_epoch, last_epoch):
-        started = time.perf_counter()
+        started = time.perf_counter() - (partial["seconds"] if partial else 0.0)
+        epoch_rng = rng_state()  # a mid-epoch checkpoint restores the state of the epoch's start
         sampler.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
-        train_stats = train_one_epoch(train_model, train_loader, optimizer, scaler, cfg, rt, epoch, dtype)
+        sampler.skip = partial["step"] * cfg.batch_size if partial else 0
+        train_stats = train_one_epoch(train_model, train_loader, optimizer, scaler, cfg, rt, epoch, dtype,
+                                      stop, partial)
+        sampler.skip, partial = 0, None
+        if "stopped_at_step" in train_stats:
+            return stop_run(rt, out, epoch, train_stats, cfg, best_acc,
+                            lambda: save_checkpoint(out / "last.pt", checkpoint(epoch, epoch_rng, {
+                                "step": train_stats["stopped_at_step"], **{k: train_stats[k] for k in
+                                                                           ("loss_sum", "seen", "seconds")}})))
         val_stats = evaluate(model, val_loader, cfg, rt, dtype)
         record = {"epoch": epoch + 1, **train_stats, **val_stats, "lr": scheduler.get_last_lr()[0],
                   "epoch_seconds": time.perf_counter() - started}
         scheduler.step()
         best_acc = max(best_acc, record["val_acc"])
         if rt.is_main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch + 1, "best_val_acc": best_acc, "rng": rng_state(), "identity": identity}
-            save_checkpoint(out / "last.pt", state)
+            save_checkpoint(out / "last.pt", checkpoint(epoch + 1, rng_state()))
             if record["val_acc"] >= best_acc:
                 save_checkpoint(out / "best.pt", {"model": model.state_dict(), "classes": classes,
                                                   "arch": cfg.arch, "epoch": epoch + 1, "val_acc": best_acc})
@@ -538,12 +745,28 @@ def fit(cfg, rt: Runtime | None = None) -> dict:
                f"val_top5 {record['val_top5']:.4f} {record['images_per_sec']:.1f} img/s "
                f"{record['epoch_seconds']:.1f}s")
         rt.barrier()
+        reason = agree_to_stop(stop, rt) if epoch + 1 < last_epoch else None  # signalled during validation?
+        if reason:
+            return stop_run(rt, out, epoch + 1, {"stopped_at_step": 0, "reason": reason}, cfg, best_acc, lambda: None)
     finish_wandb(wandb_run, cfg, out)
     final = record or (read_metrics(out)[-1] if rt.is_main and read_metrics(out) else {})
     return {"run_dir": str(out), "epochs": cfg.epochs, "best_val_acc": best_acc, **final}
 
 
+def stop_run(rt: Runtime, out: Path, epoch: int, stats: dict, cfg, best_acc: float, save) -> dict:
+    """Checkpoint (rank 0), wait until it is on disk (all ranks), then requeue on SIGUSR1."""
+    if rt.is_main:
+        save()
+    rt.barrier()
+    where = f"epoch {epoch + 1} step {stats['stopped_at_step']}"
+    note = requeue_slurm_job(rt) if rt.is_main and stats["reason"] == "SIGUSR1" else "resume with --resume"
+    return {"run_dir": str(out), "epochs": cfg.epochs, "best_val_acc": best_acc,
+            "stopped": f"stopped at {where} on {stats['reason']}; checkpoint {out / 'last.pt'}; {note}"}
+
+
 def summary_line(summary: dict) -> str:
+    if "stopped" in summary:
+        return f"stopped: {summary['stopped']}"
     return (f"summary: epochs={summary.get('epoch', 0)}/{summary['epochs']} val_acc={summary.get('val_acc', float('nan')):.4f} "
             f"val_top5={summary.get('val_top5', float('nan')):.4f} best_val_acc={summary['best_val_acc']:.4f} "
             f"images_per_sec={summary.get('images_per_sec', float('nan')):.1f} run_dir={summary['run_dir']}")
@@ -578,8 +801,9 @@ def finish_wandb(run, cfg, out: Path) -> None:
 
 # %%
 def main(argv: list[str] | None = None) -> int:
+    stop = StopRequest().install()  # first: a time-limit warning may come at any moment
     cfg = parse_args(argv)
-    print(summary_line(fit(cfg)), flush=True)
+    print(summary_line(fit(cfg, stop=stop)), flush=True)
     return 0
 
 

@@ -67,7 +67,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from data import UserError, run_cli
-from train import Runtime, build_parser, fit, parse_args, summary_line
+from train import Runtime, StopRequest, build_parser, fit, parse_args, summary_line
 
 # %% [markdown]
 # ## 1. Who am I? Three launchers, one answer
@@ -185,10 +185,12 @@ def start_distributed(launch: Launch, timeout_seconds: float) -> Runtime:
 # %% [markdown]
 # ## The script
 #
-# Every rank prints one line saying who and where it is, which is the first thing to
-# look at when a multi-node job misbehaves. After that only rank 0 prints. The process
-# group is destroyed at the end **also after an error**, so a failing rank does not leave
-# the others blocked in a collective.
+# Every rank prints one line saying who and where it is (host and process id), which is
+# the first thing to look at when a multi-node job misbehaves. After that only rank 0
+# prints. The process group is destroyed at the end **also after an error**. When a rank
+# dies, the survivors' next collective fails (at once when the connection breaks, after
+# `--dist-timeout` seconds when the peer hangs) and each says so in one line; `torchrun`
+# and `srun --kill-on-bad-exit=1` end the remaining ranks even sooner.
 #
 # `--batch-size` is per process: the global batch is `batch size x world size`. The
 # learning rate is used as given; with a larger global batch you may want to raise it
@@ -206,19 +208,33 @@ def build_ddp_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop = StopRequest().install()  # checkpoint and requeue before the time limit (train.py)
     cfg = parse_args(argv, build_ddp_parser())
     launch = detect_launch()
     rt = start_distributed(launch, cfg.dist_timeout)
     # One write per line: with several ranks on one terminal, print's two writes can interleave.
     sys.stdout.write(f"rank {rt.rank}/{rt.world_size} local_rank {rt.local_rank} host {socket.gethostname()} "
-                     f"device {rt.device} launcher {launch.launcher}\n")
+                     f"pid {os.getpid()} device {rt.device} launcher {launch.launcher}\n")
     sys.stdout.flush()
     try:
-        summary = fit(cfg, rt)
+        summary = fit(cfg, rt, stop)
         rt.log(summary_line(summary))
+    except RuntimeError as error:
+        if rt.world_size == 1 or not lost_contact(error):
+            raise
+        cause = str(error).strip().splitlines()[0][:300]
+        print(f"error: rank {rt.rank} of {rt.world_size} lost contact with another rank ({cause}): "
+              "the first error in the other ranks' logs is the cause", file=sys.stderr, flush=True)
+        return 1
     finally:
         rt.close()
     return 0
+
+
+def lost_contact(error: RuntimeError) -> bool:
+    """A collective failed because a peer died or timed out (gloo and nccl say it differently)."""
+    return isinstance(error, dist.DistError) or any(
+        word in str(error) for word in ("gloo", "NCCL", "Connection", "Timed out", "timed out"))
 
 
 # %% tags=["active-py"]

@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from data import run_cli
-from train import Runtime, fit, parse_args, pick_device, summary_line
+from train import Runtime, StopRequest, fit, parse_args, pick_device, summary_line
 
 # %% [markdown]
 # ## The only change: how the model is wrapped
@@ -85,9 +85,10 @@ class DataParallelRuntime(Runtime):
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop = StopRequest().install()  # checkpoint and requeue before the time limit (train.py)
     cfg = parse_args(argv)
     device, notices = pick_device(cfg.device)
-    print(summary_line(fit(cfg, DataParallelRuntime(device=device, notices=notices))), flush=True)
+    print(summary_line(fit(cfg, DataParallelRuntime(device=device, notices=notices), stop)), flush=True)
     return 0
 
 

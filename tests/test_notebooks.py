@@ -28,6 +28,8 @@ def small_parameters(name: str, data_dir: Path, tmp: Path) -> dict:
         "sweep": {**common, "epochs": 1, "sweep_file": str(ROOT / "slurm" / "sweep.csv"), "runs_dir": str(tmp / "runs")},
         "train_dp": {**common, "epochs": 1, "batch_size": 8, "workers": 0, "out_dir": str(tmp / "run")},
         "train_ddp": {**common, "epochs": 1, "batch_size": 8, "processes": 2, "out_dir": str(tmp / "run")},
+        "benchmark": {**common, "arch": "resnet18", "batch_size": 8, "images": 16, "warmup": 1, "steps": 1,
+                      "repeats": 1, "out_dir": str(tmp / "bench")},
     }[name]
 
 

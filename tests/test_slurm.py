@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -57,9 +58,11 @@ class Job:
 
 def submit(name: str, slurm_data: Path, tmp: Path, *sbatch_options: str, log: str = "%x-%j.out", **env_extra) -> Job:
     """sbatch --wait the unchanged file, with a tiny configuration; return what it did."""
-    env = cpu_env(**env_extra,BIRDS_DATA=str(slurm_data), RUNS=str(tmp / "runs"), STAGE_DIR=str(tmp / "node-local"),
-                  ARCH="resnet18", WEIGHTS="none", EPOCHS=str(EPOCHS), IMAGE_SIZE="32", BATCH_SIZE="4",
-                  EXTRA_ARGS="--workers 0 --lr 0.003")
+    tiny = dict(BIRDS_DATA=str(slurm_data), RUNS=str(tmp / "runs"), STAGE_DIR=str(tmp / "node-local"),
+                ARCH="resnet18", WEIGHTS="none", EPOCHS=str(EPOCHS), IMAGE_SIZE="32", BATCH_SIZE="4",
+                EXTRA_ARGS="--workers 0 --lr 0.003")
+    env = cpu_env(**{**tiny, **env_extra})
+    tmp.mkdir(parents=True, exist_ok=True)
     env.pop("CUDA_VISIBLE_DEVICES")  # Slurm sets it from the (fake) GPUs, as on a real cluster
     result = subprocess.run(["sbatch", "--wait", "--parsable", "--cpus-per-task=1", f"--output={tmp}/{log}",
                              *sbatch_options, str(SLURM / name)],
@@ -164,3 +167,32 @@ def test_sbatch_ddp_srun_multinode(cluster, slurm_data, tmp_path):
 
 def test_sbatch_ddp_torchrun_multinode(cluster, slurm_data, tmp_path):
     assert_ddp(submit("ddp_torchrun_multinode.sbatch", slurm_data, tmp_path), 4, {"node1", "node2"}, "torchrun")
+
+
+def test_a_job_that_reaches_its_time_limit_is_requeued_and_ends_as_if_never_interrupted(cluster, slurm_data, tmp_path):
+    """train.sbatch unchanged; a 3-minute limit and an early warning given on the command line.
+
+    Slurm sends SIGUSR1 about 100 s before the limit (its checks run every ~30 s, so some
+    seconds earlier or later); the run checkpoints mid-epoch and requeues itself; the
+    requeued job resumes. An uninterrupted run of the same configuration runs meanwhile.
+    """
+    epochs = 14  # about 75 s of training on one core: longer than the time to the warning
+    reference = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts/train.py"), "--data", str(slurm_data), "--arch", "resnet18",
+         "--weights", "none", "--epochs", str(epochs), "--image-size", "32", "--batch-size", "4", "--workers", "0",
+         "--lr", "0.003", "--out", str(tmp_path / "reference")],
+        env=cpu_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    job = submit("train.sbatch", slurm_data, tmp_path / "job", "--time=3", "--signal=USR1@100", EPOCHS=str(epochs))
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-2000:]
+    assert job.returncode == 0, job.output[-3000:]
+    assert re.search(r"^stopped: stopped at epoch \d+ step \d+ on SIGUSR1; .*requeued Slurm job " + job.id, job.output, re.M)
+    assert re.search(r"^resumed from .* at (epoch \d+ step \d+|the end of epoch \d+)", job.output, re.M)
+    run = job.runs / f"{job.id}-train"
+    assert_trained(run, epochs)
+    final, expected = train_metrics(run)[-1], train_metrics(tmp_path / "reference")[-1]
+    assert final["val_acc"] == expected["val_acc"]
+    assert final["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
+
+
+def train_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,136 @@
+"""Helpers shared by the notebook tests: parametrised copies, exercises and their solutions.
+
+A notebook's exercise is three cells (README: "every notebook ends with exercises that check
+themselves"):
+
+1. an answer cell (tag `active-ipynb`) that assigns `None  # your answer...` to a variable,
+2. a check cell (tag `active-ipynb`) that prints `Correct...` when the answer is right and
+   `Not yet. Hint: ...` otherwise, and never raises,
+3. a markdown cell with `<details><summary>Solution</summary>` holding a ```python block.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+
+from test_notebooks import NOTEBOOKS, small_parameters
+
+ANSWER = re.compile(r"^\s*([A-Za-z_]\w*)\s*=\s*None\b", re.M)  # the brief's "cell containing `= None`"
+YOUR_ANSWER = re.compile(r"^([A-Za-z_]\w*) = None\s+# your answer", re.M)  # the course's convention
+SOLUTION = re.compile(r"<details>\s*<summary>\s*Solution\s*</summary>(.*?)</details>", re.S)
+PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+
+
+def read(name: str) -> nbformat.NotebookNode:
+    return nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+
+
+def write_parametrised(name: str, data_dir: Path, tmp: Path, target: Path) -> Path:
+    """Write the notebook to target with small_parameters injected after its `parameters`
+    cell, by papermill itself (prepare_only: nothing runs)."""
+    import papermill
+    papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(target),
+                               parameters=small_parameters(name, data_dir, tmp), prepare_only=True,
+                               kernel_name="python3", progress_bar=False)
+    return target
+
+
+def is_check(cell) -> bool:
+    return cell.cell_type == "code" and "Correct" in cell.source and "Not yet. Hint:" in cell.source
+
+
+@dataclass
+class Exercise:
+    answer: int  # index of the answer cell
+    check: int  # index of its check cell
+    solution: int | None  # index of the markdown cell with the solution, None when missing
+    variable: str
+    code: str | None  # the solution's Python code
+
+
+def exercises(nb) -> list[Exercise]:
+    """Every check cell with its answer cell (the nearest code cell before it that assigns None)
+    and its solution (the first <details> Solution block after it, before the next check)."""
+    cells = nb.cells
+    checks = [i for i, c in enumerate(cells) if is_check(c)]
+    found = []
+    for n, j in enumerate(checks):
+        previous_check = checks[n - 1] if n else -1
+        answer = next((i for i in range(j - 1, previous_check, -1)
+                       if cells[i].cell_type == "code" and ANSWER.search(cells[i].source)), None)
+        if answer is None:
+            raise AssertionError(f"check cell {j} has no answer cell (`name = None  # your answer`) before it")
+        end = checks[n + 1] if n + 1 < len(checks) else len(cells)
+        solution, code = None, None
+        for k in range(j + 1, end):
+            if cells[k].cell_type == "markdown" and (details := SOLUTION.search(cells[k].source)):
+                block = PYTHON_BLOCK.search(details.group(1))
+                solution, code = k, block.group(1) if block else None
+                break
+        found.append(Exercise(answer, j, solution, ANSWER.search(cells[answer].source).group(1), code))
+    return found
+
+
+def problems(nb) -> list[str]:
+    """What is wrong with a notebook's exercises; empty when each is complete."""
+    cells = nb.cells
+    try:
+        found = exercises(nb)
+    except AssertionError as error:
+        return [str(error)]
+    out = [] if found else ["no exercise with a check cell"]
+    checked = {e.answer for e in found}
+    for i, cell in enumerate(cells):
+        if cell.cell_type == "code" and YOUR_ANSWER.search(cell.source) and i not in checked:
+            out.append(f"answer cell {i} ({YOUR_ANSWER.search(cell.source).group(1)}) has no check cell after it")
+    for e in found:
+        for what, i in (("answer", e.answer), ("check", e.check)):
+            if "active-ipynb" not in cells[i].metadata.get("tags", []):
+                out.append(f"{what} cell {i} lacks the tag active-ipynb (it would run in scripts/)")
+        if e.solution is None:
+            out.append(f"exercise `{e.variable}` (cell {e.answer}) has no <details><summary>Solution</summary>")
+        elif e.code is None:
+            out.append(f"the solution of `{e.variable}` (cell {e.solution}) has no ```python block")
+        elif not re.search(rf"^{re.escape(e.variable)}\s*=", e.code, re.M):
+            out.append(f"the solution of `{e.variable}` (cell {e.solution}) does not assign {e.variable}")
+    return out
+
+
+SOLVED = "solved-check"  # tag of the check cells that run after a solution
+
+
+def with_solutions_after_checks(nb) -> nbformat.NotebookNode:
+    """A copy that runs every exercise twice: after each check cell, as shipped, come a cell with
+    the solution's code and a copy of the check cell (tagged SOLVED), so one run shows both what
+    a learner sees first (`Not yet. Hint:`) and what the solution gives (`Correct`)."""
+    assert not problems(nb), problems(nb)
+    solved = nbformat.from_dict(nb)
+    for e in reversed(exercises(nb)):  # from the end, so earlier indices stay valid
+        shipped = nb.cells[e.check]
+        check = nbformat.v4.new_code_cell(shipped.source, metadata={
+            **shipped.metadata, "tags": [*shipped.metadata.get("tags", []), SOLVED]})
+        code = nbformat.v4.new_code_cell(e.code.rstrip("\n"), metadata={"tags": ["active-ipynb", "solution"]})
+        solved.cells[e.check + 1:e.check + 1] = [code, check]
+    return solved
+
+
+def output_text(cell) -> str:
+    """The text a code cell printed or displayed."""
+    parts = []
+    for output in cell.get("outputs", []):
+        if output.get("output_type") == "stream":
+            parts.append(output.get("text", ""))
+        elif "data" in output:
+            parts.append(output["data"].get("text/plain", ""))
+        elif output.get("output_type") == "error":
+            parts.append(f"{output.get('ename')}: {output.get('evalue')}")
+    return "".join(p if isinstance(p, str) else "".join(p) for p in parts)
+
+
+def errors(nb) -> list[str]:
+    """`cell i: Name: message` for every error output."""
+    return [f"cell {i}: {o.get('ename')}: {o.get('evalue')}" for i, c in enumerate(nb.cells)
+            for o in c.get("outputs", []) if o.get("output_type") == "error"]

@@ -1,0 +1,193 @@
+"""The benchmark and the speed flags: each flag does what it claims, and the ladder reports every row."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+import benchmark
+import data
+import sweep
+import train
+from conftest import ROOT, run_script, tiny_train_args
+
+TINY_BENCH = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--images", "16", "--workers", "1",
+              "--warmup", "1", "--steps", "1", "--repeats", "1", "--epochs", "1"]
+
+
+def fit(tiny_data, out, *extra):
+    return train.fit(train.parse_args([str(a) for a in tiny_train_args(tiny_data, out, *extra)]))
+
+
+def test_the_ladder_reports_every_row_with_its_ratios(tiny_data, tmp_path, capsys):
+    assert benchmark.main(["ladder", "--data", str(tiny_data), *TINY_BENCH, "--finetune", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "ladder.json").read_text())
+    rows = {row["row"]: row for row in result["rows"]}
+    assert list(rows) == [step.name for step in benchmark.LADDER] + ["finetune original", "finetune best"]
+    assert rows["original"]["x_original"] == 1.0 and rows["original"]["kept"]
+    assert "--no-normalize --train-mode-backbone --default-loader" in rows["original"]["options"]
+    for name in ["original", "normalise+eval", "loader", "channels_last", "cache", "finetune original"]:
+        row = rows[name]
+        assert row["loader_ips"] > 0 and row["model_ips"] > 0 and row["train_ips"] > 0, row
+        assert row["x_original"] == pytest.approx(row["train_ips"] / rows["original"]["train_ips"])
+        assert row["of_ceiling"] == pytest.approx(row["train_ips"] / row["model_ips"])
+    assert rows["gpu-decode"]["note"] == "skipped: needs CUDA" and rows["gpu-decode"]["train_ips"] is None
+    assert rows["compile"]["note"].startswith("skipped on CPU")
+    assert rows["amp"]["options"].count("--amp bf16") == 1  # measured, or probed and shown slower
+    assert result["machine"]["torch"] == torch.__version__ and result["settings"]["repeats"] == 1
+    assert (tmp_path / "ladder.png").read_bytes()[:4] == b"\x89PNG"
+    table = capsys.readouterr().out
+    assert "x original" in table and "of ceiling" in table and "cache" in table
+
+
+def test_a_bad_benchmark_option_is_one_line_and_exit_2(tiny_data):
+    result = run_script("benchmark.py", "run", "--data", tiny_data, "--images", "4", "--batch-size", "8")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "--images 4 (of 96 training images) is less than one batch" in result.stderr
+
+
+@pytest.fixture
+def seen_by_model(monkeypatch):
+    """What the model receives and produces in fit: memory formats and dtypes, per call."""
+    calls = []
+
+    def build_and_watch(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        model.register_forward_hook(lambda module, inputs, output: calls.append({
+            "input_channels_last": inputs[0].is_contiguous(memory_format=torch.channels_last),
+            "weight_channels_last": module.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last),
+            "output_dtype": output.dtype, "training": module.training}))
+        return model
+
+    build_model = train.build_model
+    monkeypatch.setattr(train, "build_model", build_and_watch)
+    return calls
+
+
+def test_channels_last_and_bf16_reach_the_model(tiny_data, tmp_path, seen_by_model):
+    fit(tiny_data, tmp_path / "fast", "--epochs", 1, "--max-steps", 2, "--channels-last", "--amp", "bf16")
+    trained = [c for c in seen_by_model if c["training"]]
+    assert len(trained) == 2 and all(c["input_channels_last"] and c["weight_channels_last"] for c in seen_by_model)
+    assert all(c["output_dtype"] == torch.bfloat16 for c in seen_by_model)
+    seen_by_model.clear()
+    fit(tiny_data, tmp_path / "plain", "--epochs", 1, "--max-steps", 2)
+    assert not any(c["input_channels_last"] or c["weight_channels_last"] for c in seen_by_model)
+    assert all(c["output_dtype"] == torch.float32 for c in seen_by_model)
+
+
+def test_cached_features_give_the_weights_of_the_uncached_frozen_run(tiny_data, standin_weights, tmp_path, capsys):
+    common = ["--weights", standin_weights, "--epochs", 2, "--no-shuffle", "--lr", 0.01]
+    plain = fit(tiny_data, tmp_path / "plain", *common)
+    cached = fit(tiny_data, tmp_path / "cached", *common, "--cache-features")
+    assert "cached the backbone features of 96 train and 30 valid images" in capsys.readouterr().out
+    a = torch.load(tmp_path / "plain" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cached" / "last.pt", weights_only=True)["model"]
+    assert not torch.allclose(a["head.weight"], torch.zeros_like(a["head.weight"]))
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    assert cached["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-5) and cached["val_acc"] == plain["val_acc"]
+
+
+def test_features_are_assembled_from_every_rank_share(tiny_data, standin_weights):
+    """Each rank computes every world_size-th image; the sum across ranks is the whole table."""
+    cfg = train.parse_args([str(a) for a in tiny_train_args(tiny_data, "unused", "--weights", standin_weights)])
+    model = train.build_model("resnet18", 6, str(standin_weights), log=lambda *a: None)
+    valid = data.load_splits(tiny_data, 32, splits=("valid",))["valid"]
+    whole = train.backbone_features(model, valid, cfg, train.Runtime(torch.device("cpu")), None)
+    shares = [train.backbone_features(model, valid, cfg, train.Runtime(torch.device("cpu"), rank=r, world_size=3), None)
+              for r in range(3)]
+    for i, tensor in enumerate(whole.tensors):
+        assert torch.allclose(sum(share.tensors[i] for share in shares), tensor, atol=1e-5)
+    assert whole.tensors[1].tolist() == [label for _, label in valid.samples]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--cache-features", "--finetune"], "--cache-features needs a frozen backbone: drop --finetune"),
+    (["--cache-features", "--augment"], "random augmentation cannot work: drop --augment"),
+    (["--cache-features", "--weights", "none"], "--cache-features needs a frozen pretrained backbone"),
+    (["--gpu-decode", "--augment"], "--gpu-decode does not augment"),
+])
+def test_invalid_combinations_are_refused(tiny_data, tmp_path, flags, message):
+    with pytest.raises(data.UserError, match=message):
+        train.parse_args([str(a) for a in tiny_train_args(tiny_data, tmp_path / "run")] + flags)
+
+
+def test_cache_features_with_finetune_is_one_line_and_exit_2(tiny_data, tmp_path):
+    result = run_script("train.py", *tiny_train_args(tiny_data, tmp_path / "run", "--cache-features", "--finetune"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "--cache-features needs a frozen backbone" in result.stderr
+
+
+def test_profile_writes_a_chrome_trace_into_the_run_directory(tiny_data, tmp_path):
+    fit(tiny_data, tmp_path / "run", "--epochs", 1, "--max-steps", 6, "--profile")
+    trace = json.loads((tmp_path / "run" / "profile" / "trace-rank0.json").read_text())
+    names = {event.get("name") for event in trace["traceEvents"]}
+    assert "ProfilerStep#2" in names and "ProfilerStep#4" in names and "ProfilerStep#1" not in names
+    assert any(name.startswith("aten::") and "conv" in name for name in names if name)
+    assert "Self CPU" in (tmp_path / "run" / "profile" / "top-ops-rank0.txt").read_text()
+
+
+def test_gpu_decode_batches_equal_the_cpu_pipeline(tiny_data, tmp_path, capsys):
+    plain = data.load_splits(tiny_data, 32, splits=("valid",))["valid"]
+    encoded = data.load_splits(tiny_data, 32, splits=("valid",), gpu_decode=True)["valid"]
+    (images, labels), (jpegs, same_labels) = next(iter(data.make_loader(plain, 8, 0))), next(iter(data.make_loader(encoded, 8, 1)))
+    assert isinstance(jpegs, data.JpegBatch) and torch.equal(labels, same_labels)
+    assert torch.allclose(jpegs.to("cpu"), images, atol=1e-5)  # the same libjpeg decoder and normalisation
+    fit(tiny_data, tmp_path / "run", "--epochs", 1, "--max-steps", 1, "--gpu-decode")
+    assert "notice: --gpu-decode needs a CUDA device; decoding the JPEGs on the CPU as usual" in capsys.readouterr().out
+
+
+def test_adam_is_the_original_optimizer(tiny_data, tmp_path):
+    cfg = train.parse_args([str(a) for a in tiny_train_args(tiny_data, tmp_path, "--optimizer", "adam")])
+    assert type(train.build_optimizer(cfg, torch.nn.Linear(2, 2))) is torch.optim.Adam
+
+
+def test_gpu_monitor_records_while_the_job_runs_and_stops_at_exit(tmp_path):
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/bash\necho $$ > \"$FAKE_PID\"\nfor i in 1 2 3 4 5 6 7 8 9; do\n"
+                    "  echo \"2026/01/01 12:00:0$i.000, 0, $((i * 10)) %, $((i * 1000)) MiB\"\n"
+                    "  echo \"2026/01/01 12:00:0$i.000, 1, 5 %, 500 MiB\"; sleep 0.1\ndone\nexec sleep 60\n")
+    fake.chmod(0o755)
+    run = tmp_path / "run"
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "FAKE_PID": str(tmp_path / "pid")}
+    script = f"source slurm/gpu_monitor.sh && gpu_monitor_start {run} 1 && sleep 1.5"
+    result = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and "GPU use every 1s" in result.stdout, result.stderr
+    lines = (run / "gpu.csv").read_text().splitlines()
+    assert lines[0].startswith("timestamp, index, utilization.gpu") and len(lines) > 10
+    pid = int((tmp_path / "pid").read_text())
+    assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()  # stopped at exit
+    (run / "gpu.csv").write_text("\n".join(lines) + "\n2026/01/01 12:00:0")  # a line cut off by the kill
+    assert sweep.plot_gpu_use(run).read_bytes()[:4] == b"\x89PNG"
+    without = subprocess.run(["bash", "-c", f"source slurm/gpu_monitor.sh && gpu_monitor_start {tmp_path / 'cpu'}"],
+                             cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PATH": "/usr/bin:/bin"})
+    assert without.returncode == 0 and "no nvidia-smi" in without.stdout and not (tmp_path / "cpu").exists()
+
+
+def write_run(path, world_size: int, rates: list[float], visible_gpus: int = 1):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"world_size": world_size, "visible_gpus": visible_gpus}))
+    (path / "metrics.jsonl").write_text("".join(json.dumps({"epoch": i + 1, "images_per_sec": r}) + "\n"
+                                                for i, r in enumerate(rates)))
+    return path
+
+
+def test_scaling_gives_speed_up_and_efficiency_against_one_device(tmp_path, capsys):
+    single = write_run(tmp_path / "single", 1, [90, 100, 100])
+    independent = [write_run(tmp_path / f"ind{i}", 1, [100, 100]) for i in range(2)]
+    dp = write_run(tmp_path / "dp", 1, [150], visible_gpus=2)
+    ddp = write_run(tmp_path / "ddp", 4, [300, 320, 320])
+    assert benchmark.main(["scaling", "--single", str(single), "--independent", *map(str, independent),
+                           "--dp", str(dp), "--ddp", str(ddp), "--plot", str(tmp_path / "scaling.png")]) == 0
+    points = benchmark.scaling_points(single, independent, [dp], [ddp])
+    assert [(p["kind"], p["devices"], p["speedup"]) for p in points] == [
+        ("single", 1, 1.0), ("independent", 2, 2.0), ("dp", 2, 1.5), ("ddp", 4, 3.2)]
+    assert points[3]["efficiency"] == pytest.approx(0.8)
+    out = capsys.readouterr().out
+    assert "V100 workshop" in out and (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(data.UserError, match="is not a finished run directory"):
+        benchmark.scaling_points(tmp_path / "nothing", [], [], [])

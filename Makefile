@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 DEMO_DATA := data/birds-synthetic
 NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 
-.PHONY: demo test sync drift cluster-up cluster-down gpu-check benchmark clean-runs
+.PHONY: demo test sync drift cluster-up cluster-down gpu-check benchmark site
 
 # The environment: created on first use, reinstalled when requirements.txt changes.
 $(STAMP): requirements.txt
@@ -40,3 +40,8 @@ cluster-up:
 
 cluster-down:
 	bash tests/slurm/cluster.sh down
+
+# The course as a static site in site/: every notebook executed on the CPU and rendered with its
+# outputs, the performance tables, each Slurm file beside its notebook (~3-5 min on 2 cores).
+site: $(STAMP)
+	$(PY) docs/build_site.py --out site $(SITE_ARGS)

@@ -256,8 +256,12 @@ if __name__ == "__main__":
 # from data import make_synthetic
 # if not Path(data_dir).exists():
 #     make_synthetic(data_dir, classes=10, per_class=(40, 10, 10), image_size=image_size)
+# import socket
+# with socket.socket() as probe:  # a free port, so two notebooks never collide
+#     probe.bind(("127.0.0.1", 0))
+#     port = probe.getsockname()[1]
 # command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(processes),
-#            "--master-addr", "127.0.0.1", "--master-port", "29533",
+#            "--master-addr", "127.0.0.1", "--master-port", str(port),
 #            "../scripts/train_ddp.py", "--data", data_dir, "--arch", "resnet18", "--weights", "none",
 #            "--image-size", str(image_size), "--epochs", str(epochs), "--batch-size", str(batch_size),
 #            "--workers", "0", "--out", out_dir]

@@ -130,7 +130,14 @@ def output_text(cell) -> str:
     return "".join(p if isinstance(p, str) else "".join(p) for p in parts)
 
 
+def cell_errors(cell) -> list[str]:
+    """`Name: message (the end of what the cell printed)` for each error output of a cell."""
+    printed = output_text({"outputs": [o for o in cell.get("outputs", []) if o.get("output_type") == "stream"]})
+    printed = f" (after printing ...{printed.strip()[-400:]!r})" if printed.strip() else ""
+    return [f"{o.get('ename')}: {o.get('evalue')}{printed}"
+            for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+
+
 def errors(nb) -> list[str]:
-    """`cell i: Name: message` for every error output."""
-    return [f"cell {i}: {o.get('ename')}: {o.get('evalue')}" for i, c in enumerate(nb.cells)
-            for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    """`cell i: Name: message ...` for every error output of an executed notebook."""
+    return [f"cell {i}: {error}" for i, cell in enumerate(nb["cells"]) for error in cell_errors(cell)]

@@ -7,7 +7,7 @@ from importlib.metadata import version
 from conftest import ROOT
 
 REQUIRED = {"torch", "torchvision", "wandb", "jupyterlab", "ipywidgets", "papermill", "nbclient",
-            "jupytext", "ipykernel", "tqdm", "matplotlib", "pytest"}
+            "jupytext", "ipykernel", "tqdm", "matplotlib", "pytest", "playwright"}
 
 
 def pins(lines) -> dict[str, str]:

@@ -219,7 +219,8 @@ def rendering_problems(page) -> list[str]:
             dom = shown[k] if k < len(shown) else {"mime": None, "hidden": False, "text": "", "widgets": 0, "pngs": 0}
             data = output.get("data", {})
             if output.get("output_type") == "error":
-                found.append(f"cell {i}: {output.get('ename')}: {output.get('evalue')}")
+                found += [f"cell {i}: {error}" for error in nt.cell_errors({"outputs": [output, *(
+                    o for o in outputs if o.get("output_type") == "stream")]})]
             elif WIDGET in data:
                 # A rendered widget is a Panel (no data-mime-type) of .jupyter-widgets elements; one
                 # the kernel closed (tqdm's bars with leave=False) is an empty, hidden Panel. Without
@@ -276,16 +277,19 @@ def screenshot(page, name: str) -> Path:
     """The whole notebook in one PNG: left sidebar closed, a viewport as tall as the notebook."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.evaluate("() => { window.jupyterapp.shell.collapseLeft(); window.jupyterapp.shell.collapseRight(); }")
-    height = page.evaluate(JS_CONTENT_HEIGHT)
-    page.set_viewport_size({"width": 1280, "height": max(800, min(int(height) + 20, 16000))})
-    page.wait_for_timeout(1000)
+    for _ in range(5):  # cells re-lay out at a new size: grow until the notebook fits
+        height = max(800, min(int(page.evaluate(JS_CONTENT_HEIGHT)) + 20, 16000))
+        if height == page.viewport_size["height"]:
+            break
+        page.set_viewport_size({"width": 1280, "height": height})
+        page.wait_for_timeout(700)
     path = SCREENSHOTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
 
 
 @pytest.mark.parametrize("name", notebook_names())
-def test_notebook_runs_in_jupyterlab(name, jupyterlab, browser, course_copy, tiny_data, tmp_path):
+def test_notebook_runs_in_jupyterlab(name, browser, jupyterlab, course_copy, tiny_data, tmp_path):
     path = f"notebooks/{name}.ipynb"
     nt.write_parametrised(name, tiny_data, tmp_path, course_copy / path)  # tmp_path: its run directories
     workspace = f"test-{name}-{uuid.uuid4().hex[:8]}"  # a fresh workspace reopens nothing else

@@ -57,15 +57,6 @@ def test_notebook_is_committed_without_outputs_and_has_parameters(name):
     assert last_markdown  # every notebook ends in prose (exercises), checked by eye in review
 
 
-@pytest.mark.parametrize("name", notebook_names())
-def test_notebook_runs_under_papermill(name, tiny_data, tmp_path):
-    import papermill
-
-    executed = tmp_path / f"{name}.ipynb"
-    papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(executed),
-                               parameters=small_parameters(name, tiny_data, tmp_path),
-                               cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False,
-                               execution_timeout=600)
-    cells = json.loads(executed.read_text())["cells"]
-    errors = [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert errors == []
+# Every notebook is executed under papermill, with these parameters, in tests/test_exercises.py
+# (as shipped and with the exercises' solutions), in a real JupyterLab in tests/test_jupyterlab.py,
+# and for the course site in tests/test_site.py.

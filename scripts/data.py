@@ -67,6 +67,7 @@ import fcntl
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -83,7 +84,7 @@ from typing import Callable
 
 import torch
 from PIL import Image, ImageDraw, ImageFilter
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2 as T
 
 # %% [markdown]
@@ -252,8 +253,8 @@ def load_rgb(path: Path, image_size: int) -> Image.Image:
             return image
     except (OSError, SyntaxError, ValueError) as error:
         raise DataError(
-            f"cannot read image {path} ({error}): delete or replace it, "
-            "or run `python scripts/data.py verify` to list every broken file"
+            f"cannot read image {path} ({error}): delete or replace it, run `python scripts/data.py "
+            "verify` to list every broken file, or train with --skip-bad-images"
         ) from None
 
 
@@ -262,7 +263,7 @@ class BirdImages(Dataset):
 
     def __init__(self, root: Path, split: str, classes: list[str] | None = None,
                  image_size: int = 224, transform: Callable | None = None,
-                 decode_on_device: DecodeOnDevice | None = None):
+                 decode_on_device: DecodeOnDevice | None = None, skip_bad: bool = False):
         self.root = check_dataset_root(root)
         if not (self.root / split).is_dir():
             raise DataError(f"dataset directory {self.root} has no {split}/ folder")
@@ -272,27 +273,45 @@ class BirdImages(Dataset):
             raise DataError(f"{self.root / split} holds no images (.jpg, .jpeg or .png)")
         self.image_size = image_size
         self.transform = transform or build_transform(image_size)
-        self.collate_fn = decode_on_device  # --gpu-decode: items are the files' bytes
+        self.decode_on_device = decode_on_device  # --gpu-decode: items are the files' bytes
+        self.collate_fn = decode_on_device
+        # --skip-bad-images: unreadable files are left out of their batch and counted, in a
+        # counter shared with the DataLoader's worker processes.
+        self.skipped = multiprocessing.Value("i", 0) if skip_bad else None
+        if skip_bad and decode_on_device is None:
+            self.collate_fn = collate_readable
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        if self.collate_fn is not None:
+        if self.decode_on_device is not None:
             return path.read_bytes(), label  # bytes, not a tensor: cheap to pass between processes
-        return self.transform(load_rgb(path, self.image_size)), label
+        try:
+            return self.transform(load_rgb(path, self.image_size)), label
+        except DataError:
+            if self.skipped is None:
+                raise
+            with self.skipped.get_lock():
+                self.skipped.value += 1
+            return None
+
+
+def collate_readable(batch: list):
+    """default_collate, leaving out the items of unreadable images (None)."""
+    return default_collate([item for item in batch if item is not None])
 
 
 def load_splits(root: Path, image_size: int = 224, augment: bool = False,
                 normalize: bool = True, splits=("train", "valid"),
-                gpu_decode: bool = False) -> dict[str, BirdImages]:
+                gpu_decode: bool = False, skip_bad: bool = False) -> dict[str, BirdImages]:
     """The named splits, all labelled by the training split's classes."""
     classes = find_classes(check_dataset_root(root))
     decode = DecodeOnDevice(image_size, normalize) if gpu_decode else None
     return {
         split: BirdImages(root, split, classes, image_size,
-                          build_transform(image_size, augment and split == "train", normalize), decode)
+                          build_transform(image_size, augment and split == "train", normalize), decode, skip_bad)
         for split in splits
     }
 

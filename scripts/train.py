@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DataLoader processes (default: SLURM_CPUS_PER_TASK, else the CPUs available, at most 8)")
     p.add_argument("--image-size", type=int, default=224, help="images are resized to this square size")
     p.add_argument("--augment", action="store_true", help="random crops and flips for training")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave unreadable images out and count them (default: stop and name the file)")
     p.add_argument("--no-shuffle", action="store_true",
                    help="keep the data order fixed (to compare single-device and parallel runs)")
     p.add_argument("--seed", type=int, default=0)
@@ -653,7 +655,8 @@ def fit(cfg, rt: Runtime | None = None, stop: StopRequest | None = None) -> dict
     out = Path(rt.broadcast_object(str(cfg.out or default_run_dir(cfg.arch))))
     if rt.is_main:
         prepare_run_dir(out)
-    splits = load_splits(cfg.data, cfg.image_size, augment=cfg.augment, gpu_decode=use_gpu_decode(cfg, rt))
+    splits = load_splits(cfg.data, cfg.image_size, augment=cfg.augment, gpu_decode=use_gpu_decode(cfg, rt),
+                         skip_bad=cfg.skip_bad_images)
     classes = splits["train"].classes
     check_sizes(cfg, rt, len(splits["train"]), len(splits["valid"]))
     sampler = ResumableSampler(splits["train"], num_replicas=rt.world_size, rank=rt.rank,
@@ -730,6 +733,9 @@ def fit(cfg, rt: Runtime | None = None, stop: StopRequest | None = None) -> dict
         val_stats = evaluate(model, val_loader, cfg, rt, dtype)
         record = {"epoch": epoch + 1, **train_stats, **val_stats, "lr": scheduler.get_last_lr()[0],
                   "epoch_seconds": time.perf_counter() - started}
+        if cfg.skip_bad_images:
+            record["skipped_images"] = count_skipped(splits, rt)
+            rt.log(f"skipped {record['skipped_images']} unreadable image(s) in epoch {epoch + 1} (--skip-bad-images)")
         scheduler.step()
         best_acc = max(best_acc, record["val_acc"])
         if rt.is_main:
@@ -751,6 +757,15 @@ def fit(cfg, rt: Runtime | None = None, stop: StopRequest | None = None) -> dict
     finish_wandb(wandb_run, cfg, out)
     final = record or (read_metrics(out)[-1] if rt.is_main and read_metrics(out) else {})
     return {"run_dir": str(out), "epochs": cfg.epochs, "best_val_acc": best_acc, **final}
+
+
+def count_skipped(splits: dict, rt: Runtime) -> int:
+    """Unreadable images left out since the last call, over all ranks (--skip-bad-images)."""
+    local = 0
+    for dataset in splits.values():
+        with dataset.skipped.get_lock():
+            local, dataset.skipped.value = local + dataset.skipped.value, 0
+    return int(rt.all_reduce_sum(torch.tensor([float(local)], device=rt.device)).item())
 
 
 def stop_run(rt: Runtime, out: Path, epoch: int, stats: dict, cfg, best_acc: float, save) -> dict:

@@ -182,3 +182,19 @@ def test_credentials_never_reach_the_run_directory_or_the_logs(tiny_data, tmp_pa
 @pytest.mark.parametrize("path", ["kaggle.json", "notebooks/kaggle.json", ".kaggle/kaggle.json", ".netrc", ".env"])
 def test_credential_files_are_ignored_by_git(path):
     assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
+
+
+def test_a_corrupt_jpeg_stops_by_default_and_is_skipped_and_counted_with_the_flag(tiny_data, tmp_path):
+    import shutil
+    root = Path(shutil.copytree(tiny_data, tmp_path / "birds"))
+    broken = sorted((root / "train").glob("*/003.jpg"))[:2]
+    for path in broken:
+        path.write_bytes(path.read_bytes()[:200])  # truncated, as an interrupted copy leaves it
+    stopped = run_script("train.py", *tiny_train_args(root, tmp_path / "run", "--epochs", 1))
+    assert stopped.returncode == 2 and stopped.stderr.count("\n") == 1
+    assert stopped.stderr.startswith("error: cannot read image") and "--skip-bad-images" in stopped.stderr
+    skipped = run_script("train.py", *tiny_train_args(root, tmp_path / "run", "--epochs", 2, "--skip-bad-images"))
+    assert skipped.returncode == 0, skipped.stderr
+    assert "skipped 2 unreadable image(s) in epoch 1" in skipped.stdout
+    metrics = train.read_metrics(tmp_path / "run")
+    assert [m["skipped_images"] for m in metrics] == [2, 2] and metrics[-1]["train_samples"] == 94

@@ -516,6 +516,7 @@ def cpu_name() -> str:
 
 def machine(rt) -> dict:
     info = {"cpu": cpu_name(), "cpus": available_cpus(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(),  # OMP_NUM_THREADS
             "load_average": [round(x, 2) for x in os.getloadavg()],  # other work on the machine skews timings
             "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "cuda": torch.version.cuda, "device": str(rt.device)}
@@ -735,9 +736,9 @@ if __name__ == "__main__":
 #   On a CPU-only run it often does *not* help: worker processes decode on the same
 #   cores that compute the model.
 # * **`amp` on a CPU**: bf16 is fast only with native bf16 instructions (AVX512-BF16,
-#   AMX). On an AVX2-only CPU it is emulated and we measured convolutions about 30x
-#   slower; the ladder's quick probe catches that before wasting minutes. Never switch
-#   on mixed precision without measuring it on the machine you will use.
+#   AMX). On an AVX2-only CPU it is emulated, and bf16 convolutions were measured about
+#   30x slower than fp32; the ladder's quick probe catches that before wasting minutes.
+#   Never switch on mixed precision without measuring it on the machine you will use.
 # * **`cache`**: the largest gain whenever the backbone is frozen, because the
 #   expensive part runs once instead of once per epoch: for `E` epochs the ideal gain is
 #   close to `E`. It is valid only while the backbone's output for an image never
@@ -745,6 +746,12 @@ if __name__ == "__main__":
 # * **`of ceiling` near 100 %** means the input pipeline keeps up; what is left is the
 #   model's own cost, which only less precision, a better layout, a compiler or less
 #   work (cached features, a smaller model) can reduce.
+# * **Threads**: PyTorch runs one compute thread per core it sees. When other processes
+#   share those cores, every parallel operation waits for its slowest thread: on a
+#   2-core machine shared with other jobs we measured 2 threads about 3x *slower* than
+#   1. In a job, `OMP_NUM_THREADS` must match the cores Slurm gave you
+#   (`slurm/env.sh` sets it to `SLURM_CPUS_PER_TASK`), and DataLoader workers need cores
+#   of their own.
 
 # %% [markdown]
 # ## Where does the time go? The profiler

@@ -43,6 +43,9 @@ NOTEBOOKS = ROOT / "notebooks"
 SCRIPTS = ROOT / "scripts"
 SLURM = ROOT / "slurm"
 PERFORMANCE = ROOT / "docs" / "performance.md"
+sys.path.insert(0, str(SCRIPTS))
+from data import UserError, run_cli  # noqa: E402  (the course's one way to report user mistakes)
+
 MARKER = ".built-by-build_site"  # in every site this tool writes; it only ever replaces such a directory
 
 # The lessons in teaching order. Every notebook in notebooks/ must be listed here.
@@ -67,10 +70,6 @@ def site_parameters(name: str, data_dir: str, work: Path) -> dict:
         "benchmark": {**common, "arch": "resnet18", "batch_size": 16, "images": 64, "warmup": 1, "steps": 3,
                       "repeats": 2, "out_dir": str(work / "bench")},
     }[name]
-
-
-class UserError(Exception):
-    """A mistake the user can fix; reported as one line."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -672,11 +671,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: the previous site is unchanged", file=sys.stderr)
-        sys.exit(130)
+    run_cli(main)  # a UserError is one line and exit 2, as in every script of the course

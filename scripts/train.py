@@ -726,6 +726,7 @@ def fit(cfg, rt: Runtime | None = None, stop: StopRequest | None = None) -> dict
                                       stop, partial)
         sampler.skip, partial = 0, None
         if "stopped_at_step" in train_stats:
+            finish_wandb(wandb_run, cfg, out)
             return stop_run(rt, out, epoch, train_stats, cfg, best_acc,
                             lambda: save_checkpoint(out / "last.pt", checkpoint(epoch, epoch_rng, {
                                 "step": train_stats["stopped_at_step"], **{k: train_stats[k] for k in
@@ -753,6 +754,7 @@ def fit(cfg, rt: Runtime | None = None, stop: StopRequest | None = None) -> dict
         rt.barrier()
         reason = agree_to_stop(stop, rt) if epoch + 1 < last_epoch else None  # signalled during validation?
         if reason:
+            finish_wandb(wandb_run, cfg, out)
             return stop_run(rt, out, epoch + 1, {"stopped_at_step": 0, "reason": reason}, cfg, best_acc, lambda: None)
     finish_wandb(wandb_run, cfg, out)
     final = record or (read_metrics(out)[-1] if rt.is_main and read_metrics(out) else {})

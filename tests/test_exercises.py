@@ -57,19 +57,19 @@ def test_every_exercise_has_an_answer_cell_a_check_and_a_solution(name):
     assert nt.problems(nt.read(name)) == []
 
 
-def test_as_shipped_every_check_says_not_yet(executed):
+def assert_every_check_prints(executed, solved: bool, expected: str) -> None:
+    """No cell failed, every check of this variant ran, and each printed `expected` first."""
     name, shipped, nb = executed
     assert nt.errors(nb) == [], f"notebooks/{name}.ipynb"
-    found = checks(nb, solved=False)
-    assert len(found) == len(nt.exercises(shipped)), "not every check cell ran"
-    wrong = [(i, text) for i, text in found if not text.lstrip().startswith("Not yet. Hint:")]
-    assert wrong == [], f"notebooks/{name}.ipynb: a check of an unanswered exercise did not print `Not yet. Hint: ...`"
+    found = checks(nb, solved)
+    assert len(found) == len(nt.exercises(shipped)), f"notebooks/{name}.ipynb: not every check cell ran"
+    wrong = [(i, text) for i, text in found if not text.lstrip().startswith(expected)]
+    assert wrong == [], f"notebooks/{name}.ipynb: these checks did not print `{expected} ...`"
+
+
+def test_as_shipped_every_check_says_not_yet(executed):
+    assert_every_check_prints(executed, solved=False, expected="Not yet. Hint:")
 
 
 def test_with_the_solutions_every_check_says_correct(executed):
-    name, shipped, nb = executed
-    assert nt.errors(nb) == [], f"notebooks/{name}.ipynb"
-    found = checks(nb, solved=True)
-    assert len(found) == len(nt.exercises(shipped)), "not every solution's check ran"
-    wrong = [(i, text) for i, text in found if not text.lstrip().startswith("Correct")]
-    assert wrong == [], f"notebooks/{name}.ipynb: a solution from <details> did not make its check print `Correct`"
+    assert_every_check_prints(executed, solved=True, expected="Correct")

@@ -65,7 +65,6 @@ import argparse
 import csv
 import fcntl
 import hashlib
-import io
 import json
 import multiprocessing
 import os

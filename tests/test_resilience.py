@@ -2,7 +2,6 @@
 a dead rank ends the others, and broken input gets a one-line error."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -134,7 +133,7 @@ def test_without_a_watching_launcher_the_survivor_fails_within_the_timeout(tiny_
         processes.append(start([sys.executable, SCRIPTS / "train_ddp.py", "--dist-timeout", "20",
                                 *tiny_train_args(tiny_data, tmp_path / "run", "--epochs", 50)], env=env))
     lines: list[str] = []
-    pids = wait_for_training(processes[0], lines)
+    wait_for_training(processes[0], lines)
     killed_at = time.monotonic()
     processes[1].kill()
     code = finish(processes[0], lines, timeout=120)

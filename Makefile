@@ -58,20 +58,7 @@ benchmark: $(STAMP) | $(BENCH_DATA)
 		--batch-size 8 --images 64 --warmup 2 --steps 3 --repeats 5 --epochs 4 \
 		--json runs/benchmark/ladder.json $(BENCH_ARGS)
 
-# On a machine with CUDA (a few minutes): one GPU, DataParallel on all GPUs, DDP with one
-# process per GPU (torchrun, nccl), a few steps each on synthetic data; their scaling; the
-# ladder with the fine-tuning rows. Copy what it prints, with the GPU's name, into docs/performance.md.
-GPU_RUNS := runs/gpu-check
-GPU_TRAIN := --data $(BENCH_DATA) --arch resnet152 --weights none --image-size 224 --epochs 1 --max-steps 20
-gpu-check: $(STAMP) | $(BENCH_DATA)
-	$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device')"
-	nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-	$(PY) scripts/train.py $(GPU_TRAIN) --batch-size 64 --out $(GPU_RUNS)/single
-	gpus=$$(nvidia-smi -L | wc -l); \
-	$(PY) scripts/train_dp.py $(GPU_TRAIN) --batch-size $$((64 * gpus)) --out $(GPU_RUNS)/dp && \
-	$(PY) -m torch.distributed.run --nnodes 1 --nproc-per-node $$gpus --master-addr 127.0.0.1 --master-port 29512 \
-		scripts/train_ddp.py $(GPU_TRAIN) --batch-size 64 --out $(GPU_RUNS)/ddp
-	$(PY) scripts/benchmark.py scaling --single $(GPU_RUNS)/single --dp $(GPU_RUNS)/dp --ddp $(GPU_RUNS)/ddp \
-		--plot $(GPU_RUNS)/scaling.png
-	$(PY) scripts/benchmark.py ladder --data $(BENCH_DATA) --arch resnet152 --image-size 224 --batch-size 64 \
-		--images 512 --finetune --json $(GPU_RUNS)/ladder.json
+# On a machine with CUDA (about ten minutes): every GPU path of the course and how fast it is,
+# in runs/<time>-gpu-check/ (slurm/gpu_check.sbatch; on a cluster: sbatch slurm/gpu_check.sbatch).
+gpu-check: $(STAMP)
+	bash slurm/gpu_check.sbatch

@@ -127,6 +127,10 @@ def detect_launch(env=os.environ) -> Launch:
 # its local rank when it sees several, or the only one it sees when Slurm gave each task
 # its own (`--gpus-per-task=1`).
 #
+# Under `torchrun` or `srun` even a single process joins a process group (of one): that
+# is DDP with its overhead, the first point of a scaling curve, and on one GPU the
+# cheapest check that nccl works. Plain `python` skips it.
+#
 # Collectives get a **timeout**: if one rank dies, the others stop waiting after
 # `--dist-timeout` seconds and exit with an error, instead of idling on their GPUs until
 # the job's time limit.
@@ -166,10 +170,10 @@ class DistributedRuntime(Runtime):
 
 
 def start_distributed(launch: Launch, timeout_seconds: float) -> Runtime:
-    """Join the process group (world size > 1), or return the single-process Runtime."""
+    """Join the process group, or return the single-process Runtime under plain python."""
     device = pick_rank_device(launch.local_rank)
     notices = [] if device.type == "cuda" else ["notice: no CUDA device found; DDP runs on the CPU with gloo"]
-    if launch.world_size == 1:
+    if launch.launcher == "python":
         return Runtime(device=device, notices=notices)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -214,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     rt = start_distributed(launch, cfg.dist_timeout)
     # One write per line: with several ranks on one terminal, print's two writes can interleave.
     sys.stdout.write(f"rank {rt.rank}/{rt.world_size} local_rank {rt.local_rank} host {socket.gethostname()} "
-                     f"pid {os.getpid()} device {rt.device} launcher {launch.launcher}\n")
+                     f"pid {os.getpid()} device {rt.device} launcher {launch.launcher} "
+                     f"backend {dist.get_backend() if dist.is_initialized() else 'none'}\n")
     sys.stdout.flush()
     try:
         summary = fit(cfg, rt, stop)

@@ -36,6 +36,7 @@ def runs(odd_data, standin_weights, tmp_path_factory) -> dict[str, Path]:
     results = {
         "single": run_script("train.py", *args("single", GLOBAL_BATCH)),
         "dp": run_script("train_dp.py", *args("dp", GLOBAL_BATCH)),
+        "ddp1": run_torchrun(1, "train_ddp.py", *args("ddp1", GLOBAL_BATCH)),
         "ddp2": run_torchrun(2, "train_ddp.py", *args("ddp2", GLOBAL_BATCH // 2)),
         "ddp3": run_torchrun(3, "train_ddp.py", *args("ddp3", GLOBAL_BATCH // 3)),
     }
@@ -49,7 +50,7 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "last.pt", weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("name", ["ddp2", "ddp3"])
+@pytest.mark.parametrize("name", ["ddp1", "ddp2", "ddp3"])
 def test_ddp_ends_with_the_weights_of_one_process_with_the_global_batch(runs, name):
     single, parallel = weights(runs["single"]), weights(runs[name])
     assert single.keys() == parallel.keys()
@@ -71,6 +72,12 @@ def test_validation_counts_every_image_once_for_any_world_size(runs):
     for name in ["ddp2", "ddp3"]:
         assert results[name]["val_loss"] == pytest.approx(results["single"]["val_loss"], rel=1e-5)
         assert results[name]["train_samples"] == 96
+
+
+def test_one_process_under_torchrun_still_joins_a_process_group(runs):
+    ranks = [line for line in (runs["ddp1"] / "stdout.txt").read_text().splitlines() if line.startswith("rank ")]
+    assert len(ranks) == 1 and ranks[0].startswith("rank 0/1 ")
+    assert ranks[0].endswith("launcher torchrun backend gloo")
 
 
 def test_only_rank_0_reports_but_every_rank_says_where_it_runs(runs):

@@ -169,6 +169,61 @@ def test_sbatch_ddp_torchrun_multinode(cluster, slurm_data, tmp_path):
     assert_ddp(submit("ddp_torchrun_multinode.sbatch", slurm_data, tmp_path), 4, {"node1", "node2"}, "torchrun")
 
 
+GPU_CHECK_STEPS = ["environment", "single", "fp16", "compile", "gpu-decode", "dp", "ddp", "scaling", "gather", "ladder"]
+TINY_GPU_CHECK = dict(GPU_CHECK_ALLOW_CPU="1", ARCH="resnet18", IMAGE_SIZE="32", BATCH_SIZE="4", STEPS="2",
+                      LADDER_ARGS="--warmup 1 --steps 1 --repeats 1 --epochs 1")
+
+
+def summary_lines(check_dir: Path) -> list[list[str]]:
+    return [line.split(maxsplit=2) for line in (check_dir / "summary.txt").read_text().splitlines()]
+
+
+def test_sbatch_gpu_check(cluster, tmp_path):
+    """Every step of the GPU check, on the CPUs of the test cluster: the plumbing, not the GPU."""
+    job = submit("gpu_check.sbatch", tmp_path / "unused", tmp_path, **TINY_GPU_CHECK)
+    assert job.returncode == 0, job.output[-3000:]
+    check_dir = job.runs / f"{job.id}-gpu-check"
+    assert [(result, step) for result, step, _ in summary_lines(check_dir)] == [("ok", s) for s in GPU_CHECK_STEPS]
+    for step in ["single", "fp16", "compile", "gpu-decode", "dp", "ddp"]:  # 3 epochs of 2 steps of 4 images per device
+        metrics = train_metrics(check_dir / step)
+        assert [(m["epoch"], m["train_samples"]) for m in metrics] == [(e, 16 if step in ("dp", "ddp") else 8)
+                                                                       for e in (1, 2, 3)], step
+    ddp_log = (check_dir / "ddp.log").read_text()
+    assert sorted(re.findall(r"^rank (\d/2) .* backend gloo$", ddp_log, re.M)) == ["0/2", "1/2"]
+    assert json.loads((check_dir / "ddp" / "config.json").read_text())["options"]["sync_bn"] is True
+    rows = [row["row"] for row in json.loads((check_dir / "ladder.json").read_text())["rows"]]
+    assert rows[0] == "original" and rows[-1] == "finetune best" and len(rows) == 10
+    assert (check_dir / "scaling.png").stat().st_size > 0 and "ok, 0 failed" in job.output
+    assert re.search(r"^row +loader img/s", job.output, re.M), "the ladder's table is in the job's log"
+
+
+def test_gpu_check_goes_on_after_a_failed_step_and_fails_at_the_end(tmp_path):
+    env = cpu_env(**{**TINY_GPU_CHECK, "STEPS": "-1", "GPU_CHECK_STEPS": "single ddp scaling",
+                     "GPU_CHECK_DIR": str(tmp_path / "check")})
+    result = subprocess.run(["bash", "slurm/gpu_check.sbatch"], capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = summary_lines(tmp_path / "check")
+    assert [(result, step) for result, step, _ in lines] == [("FAILED", "single"), ("FAILED", "ddp"), ("FAILED", "scaling")]
+    assert lines[0][2].endswith("error: --max-steps -1 is out of range: see --help")
+    assert lines[1][2].endswith("is out of range: see --help")
+    assert "is not a finished run directory" in lines[2][2]
+    assert "0 ok, 3 failed" in result.stdout
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({}, "error: no CUDA device is visible here: run it on a GPU node (sbatch slurm/gpu_check.sbatch), "
+         "or set GPU_CHECK_ALLOW_CPU=1 to check only the plumbing"),
+    ({"GPU_CHECK_STEPS": "single warp-drive"}, "error: GPU_CHECK_STEPS: no step 'warp-drive'; the steps are: "
+                                               + " ".join(GPU_CHECK_STEPS))])
+def test_gpu_check_refuses_in_one_line(tmp_path, settings, message):
+    env = cpu_env(RUNS=str(tmp_path / "runs"), **settings)
+    result = subprocess.run(["bash", "slurm/gpu_check.sbatch"], capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=120)
+    assert (result.returncode, result.stderr.strip()) == (2, message)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_job_that_reaches_its_time_limit_is_requeued_and_ends_as_if_never_interrupted(cluster, slurm_data, tmp_path):
     """train.sbatch unchanged; a 3-minute limit and an early warning given on the command line.
 

@@ -417,7 +417,7 @@ def row_config(base, changes: dict, rt) -> argparse.Namespace:
     for key, value in changes.items():
         setattr(cfg, key, value)
     if cfg.amp == "auto" and rt.device.type == "cpu":
-        cfg.amp = "bf16"  # train.py's auto is off on CPUs; the ladder measures whether bf16 pays here
+        cfg.amp = "bf16"  # train.py's auto is off on most CPUs; the ladder measures whether bf16 pays here
     return cfg
 
 
@@ -735,9 +735,10 @@ if __name__ == "__main__":
 # * **`loader`**: on a GPU this is usually the biggest single step towards the ceiling.
 #   On a CPU-only run it often does *not* help: worker processes decode on the same
 #   cores that compute the model.
-# * **`amp` on a CPU**: bf16 is fast only with native bf16 instructions (AVX512-BF16,
-#   AMX). On an AVX2-only CPU it is emulated, and bf16 convolutions were measured about
-#   30x slower than fp32; the ladder's quick probe catches that before wasting minutes.
+# * **`amp` on a CPU**: bf16 is fast only on CPUs built for it (AMX matrix units). On an
+#   AVX2-only CPU it is emulated, and bf16 convolutions were measured about 30x slower
+#   than fp32; the ladder's quick probe catches that before wasting minutes. Even with
+#   AVX512-BF16 instructions, the test machine ran 0.8x slower than fp32.
 #   Never switch on mixed precision without measuring it on the machine you will use.
 # * **`cache`**: the largest gain whenever the backbone is frozen, because the
 #   expensive part runs once instead of once per epoch: for `E` epochs the ideal gain is

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many epochs in this job; a later --resume continues (0: run all)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
-                   help="mixed precision: auto = bf16 (or fp16) on CUDA, off on CPU")
+                   help="mixed precision: auto = bf16 (or fp16) on CUDA, bf16 on CPUs with AMX, else off")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--cache-features", action="store_true",
@@ -207,16 +207,26 @@ def pick_device(requested: str = "auto") -> tuple[torch.device, list[str]]:
 #
 # On GPUs, bf16 autocast roughly doubles the speed of the convolutions (tensor cores) at
 # no cost in accuracy; older GPUs without fast bf16 use fp16 with a gradient scaler, which
-# keeps small gradients from rounding to zero. On most CPUs bf16 is *slower* than fp32,
-# so `auto` leaves it off there.
+# keeps small gradients from rounding to zero. On most CPUs bf16 is *slower* than fp32:
+# emulated on AVX2-only CPUs (about 30x slower), and still 0.8x with AVX512-BF16 on the
+# test machine (`docs/performance.md`). Only CPUs with AMX matrix units (Intel Xeon 4th
+# generation and later) have bf16 hardware built for it, so `auto` uses bf16 on those
+# and leaves it off on every other CPU. Measure before you trust either: `benchmark.py`
+# has a row for it.
 
 # %%
+def cpu_has_amx() -> bool:
+    """Intel AMX tiles: the CPU matrix units that make bf16 fast (a private PyTorch probe)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
 def pick_precision(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for full fp32."""
     if amp == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_amx() else None
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 

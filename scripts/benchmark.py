@@ -254,6 +254,7 @@ def build_setup(cfg, rt, num_classes: int) -> Setup:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     dtype = train.pick_precision(cfg.amp, rt.device)
+    train.set_cudnn_benchmark(cfg.cudnn_benchmark)
     return Setup(model, torch.compile(model) if cfg.compile else model, train.build_optimizer(cfg, model),
                  torch.amp.GradScaler(rt.device.type, enabled=dtype == torch.float16), dtype)
 
@@ -316,7 +317,7 @@ def measure(cfg, rt, ceilings: dict | None = None) -> dict:
             result["train"], result["model"] = cached_rates(setup, images, stream, cfg, rt)
             return result
         key = tuple(getattr(cfg, k) for k in ("arch", "image_size", "batch_size", "finetune", "backbone_eval",
-                                               "channels_last", "amp", "compile"))
+                                               "channels_last", "amp", "compile", "cudnn_benchmark"))
         if key not in ceilings:
             ceilings[key] = train_rate(setup, on_device(stream, cfg, rt), cfg, rt)
         result["model"] = ceilings[key]
@@ -355,6 +356,7 @@ def probe_step_rate(cfg, rt) -> float:
 # | `original` | the workshop's setup: fp32, `ToTensor()` only, `model.train()` on the frozen backbone, Adam, DataLoader defaults | | |
 # | `normalise+eval` | ImageNet normalisation; the frozen backbone in eval mode | correctness first: the inputs the weights expect, BatchNorm statistics that do not drift; eval-mode BatchNorm is also cheaper | |
 # | `loader` | worker processes from the allocation, pinned memory, persistent workers, prefetching | JPEG decoding runs in parallel with the training step | when the CPUs are busy computing the model (a CPU-only run): the workers take cores from it |
+# | `cudnn-benchmark` | cuDNN times its convolution algorithms for these shapes and keeps the fastest | the default algorithm is not always the fastest for a given GPU and shape | needs CUDA; shapes that keep changing make it search again |
 # | `channels_last` | NHWC memory layout of weights and images | convolution kernels (cuDNN tensor cores, oneDNN) prefer it; no layout conversions | layers that do not support it convert back and forth |
 # | `amp` | bf16 autocast (fp16 and a gradient scaler on GPUs without bf16) | half the bytes, tensor cores | CPUs without native bf16 instructions emulate it, many times slower |
 # | `compile` | `torch.compile` | fuses element-wise operations, fewer kernel launches | the first steps compile for minutes; small gain when convolutions dominate |
@@ -373,7 +375,8 @@ COMMANDS = {
 }
 
 ORIGINAL = {"normalize": False, "backbone_eval": False, "default_loader": True, "channels_last": False,
-            "amp": "off", "compile": False, "cache_features": False, "gpu_decode": False, "optimizer": "adam"}
+            "amp": "off", "compile": False, "cache_features": False, "gpu_decode": False, "optimizer": "adam",
+            "cudnn_benchmark": False}
 
 
 @dataclass(frozen=True)
@@ -387,6 +390,7 @@ LADDER = [
     Step("original", "fp32, ToTensor only, model.train() on the frozen backbone, Adam, DataLoader defaults", ORIGINAL),
     Step("normalise+eval", "ImageNet normalisation; frozen backbone in eval mode", {"normalize": True, "backbone_eval": True}),
     Step("loader", "workers from the allocation, pinned memory, persistent workers, prefetch", {"default_loader": False}),
+    Step("cudnn-benchmark", "cuDNN times its convolution algorithms and keeps the fastest", {"cudnn_benchmark": True}),
     Step("channels_last", "NHWC memory format", {"channels_last": True}),
     Step("amp", "mixed precision (bf16; fp16 and a gradient scaler on GPUs without bf16)", {"amp": "auto"}),
     Step("compile", "torch.compile", {"compile": True}),
@@ -401,7 +405,7 @@ def why_skipped(step: Step, cfg, rt, base) -> str | None:
     cuda = rt.device.type == "cuda"
     if step.name in cfg.skip:
         return "skipped (--skip)"
-    if step.name == "gpu-decode" and not cuda:
+    if step.name in ("cudnn-benchmark", "gpu-decode") and not cuda:
         return "skipped: needs CUDA"
     if step.name == "compile" and not cuda and not cfg.compile:
         return "skipped on CPU (compiling takes minutes): add --compile"
@@ -426,7 +430,8 @@ def reproduce(cfg) -> str:
     flags = [f"--optimizer {cfg.optimizer}", f"--amp {cfg.amp}"]
     flags += [flag for flag, on in [("--no-normalize", not cfg.normalize), ("--train-mode-backbone", not cfg.backbone_eval),
                                     ("--default-loader", cfg.default_loader), ("--channels-last", cfg.channels_last),
-                                    ("--compile", cfg.compile), ("--cache-features", cfg.cache_features),
+                                    ("--compile", cfg.compile), ("--cudnn-benchmark", cfg.cudnn_benchmark),
+                                    ("--cache-features", cfg.cache_features),
                                     ("--gpu-decode", cfg.gpu_decode), ("--finetune", cfg.finetune)] if on]
     return " ".join(flags)
 

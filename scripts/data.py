@@ -323,7 +323,9 @@ def load_splits(root: Path, image_size: int = 224, augment: bool = False,
 # decodes a whole batch at once on the GPU (`torchvision.io.decode_jpeg(...,
 # device="cuda")`, nvJPEG), then resizes and normalises it there. It cannot be combined
 # with `--augment` (the random crops run on the CPU). A PNG or CMYK file, which nvJPEG
-# cannot read, is decoded on the CPU instead.
+# cannot read, is decoded on the CPU instead. (torchvision 0.29 marks its decoders as
+# deprecated in favour of TorchCodec; they work in the version the course pins, and
+# `JpegBatch.to` is the one place to change when they are removed.)
 
 # %%
 class JpegBatch:
@@ -371,7 +373,7 @@ class DecodeOnDevice:
 #
 # | knob | what it does | our choice |
 # |---|---|---|
-# | `num_workers` | processes decoding images | the CPUs Slurm gave the task (`SLURM_CPUS_PER_TASK`), else the CPUs this process may use, at most 8 |
+# | `num_workers` | processes decoding images | in a job, every CPU Slurm gave the task (`SLURM_CPUS_PER_TASK`); elsewhere (a laptop, a shared login node) the CPUs this process may use, at most 8 |
 # | `pin_memory` | page-locked host memory: faster, asynchronous copies to the GPU | on with CUDA |
 # | `persistent_workers` | keep workers alive between epochs instead of restarting them | on when there are workers |
 # | `prefetch_factor` | batches each worker prepares ahead | 4 |
@@ -385,7 +387,9 @@ def available_cpus() -> int:
 
 
 def default_num_workers() -> int:
-    return min(8, available_cpus())
+    """The allocation is ours in a job: use it all. Elsewhere, leave cores to the others."""
+    in_job = os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit()
+    return available_cpus() if in_job else min(8, available_cpus())
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int, *, shuffle: bool = False,

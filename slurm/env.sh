@@ -5,16 +5,21 @@
 
 # --- 1. The Python environment ---------------------------------------------------------
 # Default: the course's .venv when it exists (`make demo` creates it), else the conda
-# environment of environment.yml. Or set COURSE_ENV_ACTIVATE, e.g.
+# environment of environment.yml, else the Python on PATH. Or set COURSE_ENV_ACTIVATE, e.g.
 #   export COURSE_ENV_ACTIVATE="module load Anaconda3 && conda activate hpc-dl-course"
+#   export COURSE_ENV_ACTIVATE=":"      # the Python on PATH, e.g. from a module loaded before
 if [[ -n "${COURSE_ENV_ACTIVATE:-}" ]]; then
     eval "$COURSE_ENV_ACTIVATE"
 elif [[ -f .venv/bin/activate ]]; then
     source .venv/bin/activate
 else
     # module load Anaconda3    # <- uncomment (your site's name) if conda is not on PATH
-    source "$(conda info --base)/etc/profile.d/conda.sh"
-    conda activate hpc-dl-course
+    if command -v conda >/dev/null 2>&1; then
+        source "$(conda info --base)/etc/profile.d/conda.sh"
+        conda activate hpc-dl-course
+    else
+        echo "notice: no .venv, no conda, no COURSE_ENV_ACTIVATE: using the Python on PATH" >&2
+    fi
 fi
 set -euo pipefail  # after activation: some activation scripts use unset variables
 

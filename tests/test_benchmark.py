@@ -54,7 +54,8 @@ def test_the_ladder_reports_every_row_with_its_ratios(tiny_data, tmp_path, capsy
         assert row["loader_ips"] > 0 and row["model_ips"] > 0 and row["train_ips"] > 0, row
         assert row["x_original"] == pytest.approx(row["train_ips"] / rows["original"]["train_ips"])
         assert row["of_ceiling"] == pytest.approx(row["train_ips"] / row["model_ips"])
-    assert rows["gpu-decode"]["note"] == "skipped: needs CUDA" and rows["gpu-decode"]["train_ips"] is None
+    for name in ["cudnn-benchmark", "gpu-decode"]:
+        assert rows[name]["note"] == "skipped: needs CUDA" and rows[name]["train_ips"] is None
     assert rows["compile"]["note"].startswith("skipped on CPU")
     assert rows["amp"]["options"].count("--amp bf16") == 1  # measured, or probed and shown slower
     assert result["machine"]["torch"] == torch.__version__ and result["settings"]["repeats"] == 1
@@ -159,6 +160,16 @@ def test_gpu_decode_batches_equal_the_cpu_pipeline(tiny_data, tmp_path, capsys):
     assert torch.allclose(jpegs.to("cpu"), images, atol=1e-5)  # the same libjpeg decoder and normalisation
     fit(tiny_data, tmp_path / "run", "--epochs", 1, "--max-steps", 1, "--gpu-decode")
     assert "notice: --gpu-decode needs a CUDA device; decoding the JPEGs on the CPU as usual" in capsys.readouterr().out
+
+
+def test_cudnn_benchmark_is_switched_on_and_off_for_each_run(tiny_data, tmp_path):
+    try:
+        fit(tiny_data, tmp_path / "on", "--epochs", 1, "--max-steps", 1, "--cudnn-benchmark")
+        assert torch.backends.cudnn.benchmark is True
+        fit(tiny_data, tmp_path / "off", "--epochs", 1, "--max-steps", 1)
+        assert torch.backends.cudnn.benchmark is False  # a process-wide switch: the next run resets it
+    finally:
+        torch.backends.cudnn.benchmark = False
 
 
 def test_adam_is_the_original_optimizer(tiny_data, tmp_path):

@@ -169,7 +169,8 @@ def test_sbatch_ddp_torchrun_multinode(cluster, slurm_data, tmp_path):
     assert_ddp(submit("ddp_torchrun_multinode.sbatch", slurm_data, tmp_path), 4, {"node1", "node2"}, "torchrun")
 
 
-GPU_CHECK_STEPS = ["environment", "single", "fp16", "compile", "gpu-decode", "dp", "ddp", "scaling", "gather", "ladder"]
+GPU_CHECK_STEPS = ["environment", "single", "fp16", "compile", "gpu-decode", "dp", "ddp", "ddp-syncbn", "scaling",
+                   "gather", "ladder"]
 TINY_GPU_CHECK = dict(GPU_CHECK_ALLOW_CPU="1", ARCH="resnet18", IMAGE_SIZE="32", BATCH_SIZE="4", STEPS="2",
                       LADDER_ARGS="--warmup 1 --steps 1 --repeats 1 --epochs 1")
 
@@ -183,17 +184,23 @@ def test_sbatch_gpu_check(cluster, tmp_path):
     job = submit("gpu_check.sbatch", tmp_path / "unused", tmp_path, **TINY_GPU_CHECK)
     assert job.returncode == 0, job.output[-3000:]
     check_dir = job.runs / f"{job.id}-gpu-check"
-    assert [(result, step) for result, step, _ in summary_lines(check_dir)] == [("ok", s) for s in GPU_CHECK_STEPS]
+    lines = summary_lines(check_dir)
+    assert [(result, step) for result, step, _ in lines] == [("skipped" if s == "ddp-syncbn" else "ok", s)
+                                                             for s in GPU_CHECK_STEPS]
+    assert lines[GPU_CHECK_STEPS.index("ddp-syncbn")][2].endswith("SyncBatchNorm needs 2 or more GPUs (0 here)")
     for step in ["single", "fp16", "compile", "gpu-decode", "dp", "ddp"]:  # 3 epochs of 2 steps of 4 images per device
         metrics = train_metrics(check_dir / step)
         assert [(m["epoch"], m["train_samples"]) for m in metrics] == [(e, 16 if step in ("dp", "ddp") else 8)
                                                                        for e in (1, 2, 3)], step
     ddp_log = (check_dir / "ddp.log").read_text()
     assert sorted(re.findall(r"^rank (\d/2) .* backend gloo$", ddp_log, re.M)) == ["0/2", "1/2"]
-    assert json.loads((check_dir / "ddp" / "config.json").read_text())["options"]["sync_bn"] is True
+    # The same CPU cores per device for every run: here the job's one core.
+    workers = {run: json.loads((check_dir / run / "config.json").read_text())["options"]["workers"]
+               for run in ["single", "dp", "ddp"]}
+    assert workers == {"single": 1, "dp": 2, "ddp": 1}
     rows = [row["row"] for row in json.loads((check_dir / "ladder.json").read_text())["rows"]]
-    assert rows[0] == "original" and rows[-1] == "finetune best" and len(rows) == 10
-    assert (check_dir / "scaling.png").stat().st_size > 0 and "ok, 0 failed" in job.output
+    assert rows[0] == "original" and rows[-1] == "finetune best" and len(rows) == 11
+    assert (check_dir / "scaling.png").stat().st_size > 0 and "10 ok, 0 failed, 1 skipped" in job.output
     assert re.search(r"^row +loader img/s", job.output, re.M), "the ladder's table is in the job's log"
 
 
@@ -208,7 +215,7 @@ def test_gpu_check_goes_on_after_a_failed_step_and_fails_at_the_end(tmp_path):
     assert lines[0][2].endswith("error: --max-steps -1 is out of range: see --help")
     assert lines[1][2].endswith("is out of range: see --help")
     assert "is not a finished run directory" in lines[2][2]
-    assert "0 ok, 3 failed" in result.stdout
+    assert "0 ok, 3 failed, 0 skipped" in result.stdout
 
 
 @pytest.mark.parametrize("settings,message", [

@@ -192,6 +192,7 @@ def test_sbatch_gpu_check(cluster, tmp_path):
         metrics = train_metrics(check_dir / step)
         assert [(m["epoch"], m["train_samples"]) for m in metrics] == [(e, 16 if step in ("dp", "ddp") else 8)
                                                                        for e in (1, 2, 3)], step
+    assert not list(check_dir.glob("**/*.pt")), "checkpoints are deleted after each step"
     ddp_log = (check_dir / "ddp.log").read_text()
     assert sorted(re.findall(r"^rank (\d/2) .* backend gloo$", ddp_log, re.M)) == ["0/2", "1/2"]
     # The same CPU cores per device for every run: here the job's one core.

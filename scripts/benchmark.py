@@ -749,6 +749,12 @@ if __name__ == "__main__":
 #   expensive part runs once instead of once per epoch: for `E` epochs the ideal gain is
 #   close to `E`. It is valid only while the backbone's output for an image never
 #   changes: frozen weights, BatchNorm in eval mode, no random augmentation.
+# * **The GPU-only rows** (`cudnn-benchmark`, `compile`, `gpu-decode`) are skipped on a
+#   CPU. On a GPU, `cudnn-benchmark` and `compile` make the model step itself cheaper, so
+#   they raise the ceiling; `gpu-decode` helps only when `loader img/s` is below the
+#   ceiling, that is when the CPUs cannot decode as fast as the GPU trains. The warm-up
+#   steps absorb their one-off costs (the algorithm search, minutes of compiling), which
+#   a short job would pay in full.
 # * **`of ceiling` near 100 %** means the input pipeline keeps up; what is left is the
 #   model's own cost, which only less precision, a better layout, a compiler or less
 #   work (cached features, a smaller model) can reduce.

@@ -259,3 +259,22 @@ def test_a_job_that_reaches_its_time_limit_is_requeued_and_ends_as_if_never_inte
 
 def train_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_multinode_torchrun_job_at_its_time_limit_requeues_itself_and_finishes(cluster, slurm_data, tmp_path):
+    """ddp_torchrun_multinode.sbatch unchanged, with a 3-minute limit and an early warning.
+
+    Slurm signals each node's torchrun; torchrun passes SIGUSR1 on to its processes
+    (--signals-to-handle); the ranks agree to stop, rank 0 checkpoints and requeues the
+    job, and the requeued job resumes on both nodes. (That the resumed weights equal an
+    uninterrupted run's is checked for DDP in test_resilience.py.)
+    """
+    epochs = 24  # about 5.5 s each with 4 ranks on the test machine: longer than the time to the warning
+    job = submit("ddp_torchrun_multinode.sbatch", slurm_data, tmp_path, "--time=3", "--signal=USR1@100",
+                 EPOCHS=str(epochs))
+    assert job.returncode == 0, job.output[-3000:]
+    assert re.search(r"^stopped: stopped at epoch \d+ step \d+ on SIGUSR1; .*requeued Slurm job " + job.id,
+                     job.output, re.M), job.output[-3000:]
+    assert re.search(r"^resumed from .* at (epoch \d+ step \d+|the end of epoch \d+)", job.output, re.M)
+    config = assert_trained(job.runs / f"{job.id}-ddp", epochs)
+    assert config["world_size"] == 4 and set(job.rank_hosts().values()) == {"node1", "node2"}

@@ -283,18 +283,28 @@ class BirdImages(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, draw_seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[index]
         if self.decode_on_device is not None:
             return path.read_bytes(), label  # bytes, not a tensor: cheap to pass between processes
         try:
-            return self.transform(load_rgb(path, self.image_size)), label
+            return self.transform_with_seed(load_rgb(path, self.image_size), draw_seed), label
         except DataError:
             if self.skipped is None:
                 raise
             with self.skipped.get_lock():
                 self.skipped.value += 1
             return None
+
+
+    def transform_with_seed(self, image: Image.Image, draw_seed: int | None) -> torch.Tensor:
+        """The transform; its random draws (--augment) from draw_seed when one is given."""
+        if draw_seed is None:
+            return self.transform(image)
+        with torch.random.fork_rng(devices=[]):  # leaves this process's random stream as it was
+            torch.manual_seed(draw_seed)
+            return self.transform(image)
 
 
 def collate_readable(batch: list):

@@ -337,7 +337,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
 # A resumed run must end exactly where an uninterrupted one would. Besides the weights
 # that needs the optimizer's moments, the learning-rate schedule, the epoch, and the
 # random number generators. The data order of epoch *e* is a function of the seed and *e*
-# alone (the sampler's `set_epoch`), so it needs no state of its own.
+# alone (the sampler's `set_epoch`), so it needs no state of its own; with `--augment`,
+# so is each image's random crop and flip (the sampler hands every image its own seed).
 #
 # A checkpoint is a pickle, and unpickling can run arbitrary code, so it is loaded with
 # `weights_only=True`, which accepts tensors and plain containers only.
@@ -431,12 +432,22 @@ def requeue_slurm_job(rt: Runtime) -> str:
 
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can begin an epoch part-way through, after a mid-epoch resume."""
+    """DistributedSampler that can begin an epoch part-way through, after a mid-epoch resume.
+
+    With `seed_draws` (--augment) it yields (index, seed) pairs: the random crop and flip of
+    an image are then a function of the seed, the epoch and the image alone, not of which
+    DataLoader worker happened to load it, so a resumed epoch draws them exactly as an
+    uninterrupted one would.
+    """
 
     skip = 0  # indices of this rank to leave out at the start of the epoch
+    seed_draws = False
 
     def __iter__(self):
-        return itertools.islice(super().__iter__(), self.skip, None)
+        indices = itertools.islice(super().__iter__(), self.skip, None)
+        if not self.seed_draws:
+            return indices
+        return ((i, (self.seed * 1_000_003 + self.epoch) * 1_000_003 + i) for i in indices)
 
     def __len__(self) -> int:
         return super().__len__() - self.skip
@@ -687,6 +698,7 @@ def fit(cfg, rt: Runtime | None = None, stop: StopRequest | None = None) -> dict
     check_sizes(cfg, rt, len(splits["train"]), len(splits["valid"]))
     sampler = ResumableSampler(splits["train"], num_replicas=rt.world_size, rank=rt.rank,
                                shuffle=not cfg.no_shuffle, seed=cfg.seed)
+    sampler.seed_draws = cfg.augment
     train_loader = make_loader(splits["train"], cfg.batch_size, cfg.workers, sampler=sampler)
     val_loader = make_loader(splits["valid"], cfg.batch_size, cfg.workers,
                              sampler=ShardSampler(len(splits["valid"]), rt.rank, rt.world_size))

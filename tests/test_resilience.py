@@ -56,8 +56,9 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 # --- a signal mid-epoch, then --resume --------------------------------------------------------
 
-def test_sigusr1_mid_epoch_then_resume_ends_as_if_never_interrupted(tiny_data, tmp_path):
-    args = [sys.executable, SCRIPTS / "train.py", *tiny_train_args(tiny_data, tmp_path / "run", "--epochs", 3)]
+@pytest.mark.parametrize("augment", [[], ["--augment"]], ids=["plain", "augment"])
+def test_sigusr1_mid_epoch_then_resume_ends_as_if_never_interrupted(tiny_data, tmp_path, augment):
+    args = [sys.executable, SCRIPTS / "train.py", *tiny_train_args(tiny_data, tmp_path / "run", "--epochs", 3, *augment)]
     lines: list[str] = []
     process = start(args)
     read_until(process, "epoch 2 step 3/12", lines)
@@ -70,10 +71,10 @@ def test_sigusr1_mid_epoch_then_resume_ends_as_if_never_interrupted(tiny_data, t
     assert checkpoint["epoch"] == 1 and checkpoint["partial"]["step"] == 10 and checkpoint["partial"]["seen"] == 80
     assert [m["epoch"] for m in train.read_metrics(tmp_path / "run")] == [1]
 
-    resumed = run_script("train.py", *tiny_train_args(tiny_data, tmp_path / "run", "--epochs", 3, "--resume"))
+    resumed = run_script("train.py", *tiny_train_args(tiny_data, tmp_path / "run", "--epochs", 3, "--resume", *augment))
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and "at epoch 2 step 10" in resumed.stdout
-    straight = run_script("train.py", *tiny_train_args(tiny_data, tmp_path / "straight", "--epochs", 3))
+    straight = run_script("train.py", *tiny_train_args(tiny_data, tmp_path / "straight", "--epochs", 3, *augment))
     assert straight.returncode == 0
     assert_same_run(tmp_path / "run", tmp_path / "straight")
 

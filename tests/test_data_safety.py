@@ -17,7 +17,9 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler, TensorDataset
 
+import benchmark
 import data
+import sweep
 import train
 from conftest import tiny_train_args
 from test_data import cli, copy_of, zip_of
@@ -304,6 +306,31 @@ def test_an_error_from_a_dataloader_worker_is_its_own_message(tiny_data, tmp_pat
 def test_a_multi_line_error_keeps_its_first_line_with_the_path():
     error = data.UserError("cannot load weights from /x/w.pth (Weights only load failed.\n\t(1) detail\n\nsee docs)")
     assert data.one_line(error) == "cannot load weights from /x/w.pth (Weights only load failed. (1) detail see docs)"
+
+
+# --- counts checked before they become tracebacks ------------------------------------------------------
+
+@pytest.mark.parametrize("option,value", [("--warmup", -1), ("--steps", 0), ("--repeats", 0), ("--images", 0),
+                                          ("--epochs", 0)])
+def test_benchmark_counts_out_of_range_are_one_line(tiny_data, capsys, option, value):
+    with pytest.raises(SystemExit) as exited:
+        data.run_cli(benchmark.main, ["run", "--data", str(tiny_data), option, str(value)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: {option} {value} is out of range")
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "ABSOLUTE", "", ".", "a/../.."])
+def test_a_sweep_row_name_must_stay_inside_the_runs_directory(tmp_path, capsys, name):
+    name = name.replace("ABSOLUTE", str(tmp_path / "escaped"))
+    (tmp_path / "sweep.csv").write_text(f"name,lr\n{name},0.1\n")
+    runs = tmp_path / "deep" / "runs"
+    with pytest.raises(SystemExit) as exited:
+        data.run_cli(sweep.main, ["run", str(tmp_path / "sweep.csv"), "0", "--runs-dir", str(runs)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1
+    assert f"row 0's name {name!r} is not a folder inside --runs-dir {runs}: " in err
+    assert not (tmp_path / "escaped").exists()
 
 
 # --- a last training batch of one image -------------------------------------------------------------

@@ -203,9 +203,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 def parse_config(command: str, argv: list[str]) -> argparse.Namespace:
     cfg = train.parse_args(argv, build_parser(command))
-    for option in ("images", "steps", "repeats"):
-        if getattr(cfg, option) < 1:
-            raise UserError(f"--{option} must be at least 1")
+    for option, least in {"images": 1, "steps": 1, "repeats": 1, "warmup": 0}.items():
+        if getattr(cfg, option) < least:
+            raise UserError(f"--{option} {getattr(cfg, option)} is out of range: give {least} or more")
     if cfg.profile:
         raise UserError("benchmark.py does not profile: run train.py --profile with the same options")
     cfg.out = cfg.out or Path("runs/benchmark")

@@ -63,12 +63,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import fcntl
+import gzip
 import hashlib
 import json
+import lzma
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import sys
 import tarfile
@@ -76,14 +80,18 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
+import zlib
 from collections import Counter
-from pathlib import Path
-from typing import Callable
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 from PIL import Image, ImageDraw, ImageFilter
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler,
+                              SequentialSampler, default_collate)
 from torchvision.transforms import v2 as T
 
 # %% [markdown]
@@ -118,12 +126,18 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
 
 
 def one_line(error: BaseException) -> str:
-    """The last line of an error message: a DataLoader worker wraps errors in a traceback."""
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else type(error).__name__
-    for prefix in ("DataError: ", "UserError: "):
-        last = last.removeprefix(prefix)
-    return last
+    """The error's message on one line, with nothing left out: the path at its start stays.
+
+    A DataLoader worker re-raises an error with the worker's traceback before the message;
+    then only the message after the traceback is kept, without its `module.Type: `.
+    """
+    text = str(error).strip()
+    if "Traceback (most recent call last):" in text:
+        lines = text.splitlines()
+        after_frames = max((i for i, line in enumerate(lines) if line.startswith(" ")), default=-1) + 1
+        text = re.sub(r"^[\w.]+: ", "", "\n".join(lines[after_frames:]))
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # terminal colours (torch.load's errors have some)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -225,10 +239,23 @@ def list_samples(root: Path, split: str, classes: list[str]) -> list[tuple[Path,
 # Images are opened with Pillow and converted to RGB, because the real dataset contains a
 # few greyscale and CMYK JPEGs, and resized when they are not of the expected size, so
 # that every batch stacks.
+#
+# A file that claims a huge size is refused before it is decoded (a *decompression bomb*:
+# a few kilobytes of PNG can claim 20000 x 20000 pixels, 1.2 GB once decoded, in every
+# loader worker). The limit, `MAX_IMAGE_PIXELS`, is 64 Mi pixels (8192 x 8192): photos
+# from full-frame cameras fit (the largest have about 61 megapixels), and one image at
+# the limit decodes to 192 MiB of RGB, so 16 workers decoding one each stay within about
+# 3 GB. Pillow's default limit (`Image.MAX_IMAGE_PIXELS`, 89 million) only warns, and
+# raises `DecompressionBombError` above twice that; here the limit itself is an error, and
+# such a file counts as a broken image (`verify` lists it, `--skip-bad-images` skips it).
 
 # %%
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_IMAGE_PIXELS = 64 * 2**20
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # Pillow raises DecompressionBombError above twice this, warns above it
+# What reading a broken image raises: DecompressionBombError is neither an OSError nor a ValueError.
+BAD_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 def build_transform(image_size: int = 224, augment: bool = False, normalize: bool = True) -> T.Compose:
@@ -242,15 +269,22 @@ def build_transform(image_size: int = 224, augment: bool = False, normalize: boo
     return T.Compose(steps)
 
 
+def open_image(path: Path) -> Image.Image:
+    """Image.open, which reads only the header; more than MAX_IMAGE_PIXELS is an error, not a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
 def load_rgb(path: Path, image_size: int) -> Image.Image:
     """Open an image as RGB at image_size x image_size; a broken file names itself."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image = image.convert("RGB")
             if image.size != (image_size, image_size):
                 image = image.resize((image_size, image_size), Image.BILINEAR)
             return image
-    except (OSError, SyntaxError, ValueError) as error:
+    except BAD_IMAGE_ERRORS as error:
         raise DataError(
             f"cannot read image {path} ({error}): delete or replace it, run `python scripts/data.py "
             "verify` to list every broken file, or train with --skip-bad-images"
@@ -387,6 +421,19 @@ class DecodeOnDevice:
 # | `pin_memory` | page-locked host memory: faster, asynchronous copies to the GPU | on with CUDA |
 # | `persistent_workers` | keep workers alive between epochs instead of restarting them | on when there are workers |
 # | `prefetch_factor` | batches each worker prepares ahead | 4 |
+# | `drop_last` | leave out the epoch's last, smaller batch | no; but a training loader leaves out a last step of one image (below) |
+#
+# **A last batch of one image.** When the training images do not fill the last batch
+# and one image is left over, that step would train on one image. BatchNorm in training
+# mode cannot normalise it once a ResNet's feature maps are 1 x 1 (images of 32 pixels or
+# fewer: `models.resnet18().train()(torch.randn(1, 3, 32, 32))` fails with "Expected more
+# than 1 value per channel when training"), and one image is a poor step anyway. A training loader (shuffled, or ordered by a `DistributedSampler`)
+# leaves that step out; validation never leaves out an image. The step is counted over
+# all processes: with DDP, each process holds its share of the global batch, and a
+# `DistributedSampler` pads the epoch's end with repeats, so on several processes the
+# same image is left out, by every process at the same step, as on one process with the
+# global batch. DDP still equals one big batch, and `train_samples` counts the images
+# that trained.
 
 # %%
 def available_cpus() -> int:
@@ -402,16 +449,46 @@ def default_num_workers() -> int:
     return available_cpus() if in_job else min(8, available_cpus())
 
 
+class TrainingBatches(BatchSampler):
+    """The batches of a training order, without an epoch's last step of one image.
+
+    The step is counted over all processes (a DistributedSampler's `num_replicas`), so
+    every rank leaves it out or none does, and the ranks together leave out the image that
+    one process with the global batch leaves out.
+    """
+
+    def __init__(self, sampler, batch_size: int, dataset_size: int):
+        super().__init__(sampler, batch_size, drop_last=False)
+        global_batch = batch_size * getattr(sampler, "num_replicas", 1)
+        self.lone_last = batch_size > 1 and dataset_size % global_batch == 1
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if not (self.lone_last and len(batch) == 1):  # only the last batch can be smaller
+                yield batch
+
+    def __len__(self) -> int:  # the sampler's length now: after a mid-epoch resume, the rest of the epoch
+        return super().__len__() - int(self.lone_last and len(self.sampler) % self.batch_size == 1)
+
+
 def make_loader(dataset: Dataset, batch_size: int, workers: int, *, shuffle: bool = False,
                 sampler=None, drop_last: bool = False, pin_memory: bool | None = None,
                 prefetch_factor: int = 4, persistent_workers: bool = True, collate_fn=None) -> DataLoader:
-    """A DataLoader with the knobs above set sensibly for CPU and GPU."""
+    """A DataLoader with the knobs above set sensibly for CPU and GPU.
+
+    A shuffled order or a DistributedSampler's (which repeats images to pad the epoch, so
+    the course never validates with one) is a training order: see TrainingBatches.
+    """
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
+    order = sampler if sampler is not None else RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+    if isinstance(order, (RandomSampler, DistributedSampler)) and not drop_last:
+        batches = TrainingBatches(order, batch_size, len(dataset))
+    else:
+        batches = BatchSampler(order, batch_size, drop_last)
     extra = {"prefetch_factor": prefetch_factor, "persistent_workers": persistent_workers} if workers > 0 else {}
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
-                      sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      drop_last=drop_last, collate_fn=collate_fn or getattr(dataset, "collate_fn", None), **extra)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory,
+                      collate_fn=collate_fn or getattr(dataset, "collate_fn", None), **extra)
 
 
 # %% [markdown]
@@ -555,9 +632,9 @@ def verify_dataset(root: Path, open_images: bool = True) -> tuple[dict, list[str
                 problems.append(f"{split}/{folder.name}/ holds no images")
             for path in files if open_images else []:
                 try:
-                    with Image.open(path) as image:
+                    with open_image(path) as image:
                         image.load()
-                except (OSError, SyntaxError, ValueError) as error:
+                except BAD_IMAGE_ERRORS as error:
                     problems.append(f"unreadable image {path}: {error}")
     return counts, problems
 
@@ -569,7 +646,9 @@ def verify_dataset(root: Path, open_images: bool = True) -> tuple[dict, list[str
 # `KAGGLE_USERNAME` and `KAGGLE_KEY`). Run it on a **login node**: compute nodes usually
 # have no internet. An archive is extracted only if no member would land outside the
 # target directory (`../` paths, absolute paths, links): a malicious archive must not
-# overwrite your `~/.bashrc`.
+# overwrite your `~/.bashrc`. It is also refused when a member is both a file and a
+# folder, when it is damaged (a truncated download), and when it would not fit on the
+# disk once extracted: all checked before anything is written.
 
 # %%
 KAGGLE_DATASET_URL = "https://www.kaggle.com/api/v1/datasets/download/gpiosenka/100-bird-species"
@@ -602,28 +681,101 @@ def unsafe_member(name: str, is_link: bool = False) -> str | None:
     return None
 
 
+class Member(NamedTuple):
+    name: str
+    is_link: bool  # links and devices are never extracted
+    is_dir: bool
+    size: int  # bytes once extracted
+
+
+# What reading a damaged archive raises (gzip.BadGzipFile is an OSError, so it comes first).
+DAMAGED_ARCHIVE_ERRORS = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError,
+                          gzip.BadGzipFile)
+
+
+@contextmanager
+def damaged_archive_errors(archive: Path):
+    """Turn the errors of a truncated or corrupt archive into one line."""
+    try:
+        yield
+    except DAMAGED_ARCHIVE_ERRORS as error:
+        raise DataError(f"{archive} is damaged ({type(error).__name__}: {error}): download it again") from None
+
+
+def archive_members(archive: Path) -> list[Member]:
+    """The members of a .zip or .tar(.gz), checked: none escapes, none is both file and folder."""
+    with damaged_archive_errors(archive):
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                members = [Member(m.filename, (m.external_attr >> 16) & 0o170000 == 0o120000, m.is_dir(), m.file_size)
+                           for m in zf.infolist()]
+        elif tarfile.is_tarfile(archive):
+            with tarfile.open(archive) as tf:
+                members = [Member(m.name, m.issym() or m.islnk() or not (m.isfile() or m.isdir()), m.isdir(), m.size)
+                           for m in tf.getmembers()]
+        else:
+            raise DataError(f"{archive} is neither a zip nor a tar archive, or it is damaged: "
+                            "give the dataset directory or its .zip or .tar.gz archive, or download it again")
+    check_members(archive, members)
+    return members
+
+
+def check_members(archive: Path, members: list[Member]) -> None:
+    for member in members:
+        reason = unsafe_member(member.name, member.is_link)
+        if reason:
+            raise UserError(f"refusing to extract {archive}: member '{member.name}' {reason}")
+    paths = [PurePosixPath(m.name.replace("\\", "/")) for m in members]
+    files = {path for path, member in zip(paths, members) if not member.is_dir}
+    folders = {path for path, member in zip(paths, members) if member.is_dir}
+    folders.update(parent for path in paths for parent in path.parents if parent != PurePosixPath("."))
+    clashes = sorted(files & folders)
+    if clashes:
+        raise DataError(f"refusing to extract {archive}: member '{clashes[0]}' is both a file and a folder "
+                        "(a damaged archive): download it again")
+
+
+def extract_archive(archive: Path, target: Path) -> None:
+    """Extract a checked archive (see archive_members) into target."""
+    with damaged_archive_errors(archive):
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(target)
+        else:
+            with tarfile.open(archive) as tf:
+                tf.extractall(target, filter="data")
+
+
 def safe_extract(archive: Path, target: Path) -> None:
     """Extract a .zip or .tar(.gz) into target, refusing members that would escape it."""
     archive, target = Path(archive), Path(target)
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            members = [(m.filename, (m.external_attr >> 16) & 0o170000 == 0o120000) for m in zf.infolist()]
-            check_members(archive, members)
-            zf.extractall(target)
-    elif tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as tf:
-            check_members(archive, [(m.name, m.issym() or m.islnk() or not (m.isfile() or m.isdir()))
-                                    for m in tf.getmembers()])
-            tf.extractall(target, filter="data")
-    else:
-        raise UserError(f"{archive} is neither a zip nor a tar archive")
+    needed = space_needed(m.size for m in archive_members(archive))
+    check_free_space(target, needed, f"extracting {archive}", "free space there or download to another directory")
+    extract_archive(archive, target)
 
 
-def check_members(archive: Path, members: list[tuple[str, bool]]) -> None:
-    for name, is_link in members:
-        reason = unsafe_member(name, is_link)
-        if reason:
-            raise UserError(f"refusing to extract {archive}: member '{name}' {reason}")
+def space_needed(sizes: Iterable[int]) -> int:
+    """Bytes on disk for files of these sizes: each takes whole 4 KiB blocks."""
+    return sum(-(-size // 4096) * 4096 for size in sizes)
+
+
+def free_space(directory: Path) -> int:
+    """Free bytes on the disk that holds directory, or would hold it once created."""
+    directory = Path(directory).absolute()
+    while not directory.exists():
+        directory = directory.parent
+    return shutil.disk_usage(directory).free
+
+
+def in_megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def check_free_space(directory: Path, needed: int, what: str, fix: str) -> None:
+    free = free_space(directory)
+    if needed > free:
+        raise DataError(f"not enough space on {directory} for {what} (needs {in_megabytes(needed)}, "
+                        f"{in_megabytes(free)} free): {fix}")
 
 
 def find_dataset_root(directory: Path) -> Path:
@@ -671,42 +823,192 @@ def download_dataset(target: Path, url: str = KAGGLE_DATASET_URL, timeout: float
 # ones: every JPEG costs a metadata lookup on a server shared by the whole cluster. A job
 # copies the dataset once to the node's local disk (`$TMPDIR`, or `/tmp`) and reads from
 # there. `stage` copies a directory or extracts an archive, and prints the new path.
+#
+# The staging directory is shared with other jobs, so `stage` must never cost data:
+#
+# * **The copy's name comes from the resolved source**: `stage .` inside `data/birds` and
+#   `stage data/birds` both make `$TMPDIR/birds`; a hidden archive `.birds.zip` makes
+#   `birds`. A source that leaves no name (`.zip`) is refused.
+# * **It removes only what it made**: the copy grows in a hidden temporary folder and is
+#   renamed into place when complete, so a half copy is never used; a failed copy removes
+#   only that folder. An earlier copy is replaced only when it carries stage's `.staged`
+#   marker; a folder of the same name without one is left alone and reported.
+# * **A stale copy is staged again**: the marker records the source's path, its number of
+#   files and bytes, and a digest of every file's name, size and modification time. That
+#   costs one `stat` per file, no file content is read (hashing the contents would read
+#   the whole dataset, as slow as copying it), and it sees a file changed, added,
+#   removed or renamed, and another dataset with the same folder name.
+#   `staged_copy_matches(source, staged)` answers the same question for a cache of copies.
+# * **Links are copied as links and never followed**: a link loop cannot nest the copy 40
+#   levels deep. A link must be relative and stay inside the dataset (so it works in the
+#   copy); any other link is refused, since the copy would read through it from the
+#   shared filesystem, or from outside the dataset.
+# * **Disks fill up**: the space needed (or an archive's size once extracted) is checked
+#   before copying, and a disk that is full, read-only or over quota is one line naming
+#   it, with the space needed and free.
 
 # %%
+STAGE_ELSEWHERE = "free space there or stage elsewhere with --to DIR"
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip")
+
+
+class Entry(NamedTuple):
+    relative: str  # path inside the source (an archive: its name)
+    kind: str  # "dir", "file" or "link"
+    size: int
+    mtime_ns: int
+    target: str = ""  # a link's target
+
+
 def default_stage_dir() -> Path:
     return Path(os.environ.get("TMPDIR") or "/tmp")
 
 
+def staged_name(source: Path) -> str:
+    """The staged copy's folder name: the resolved source's name without archive suffixes or leading dots."""
+    name = source.name
+    if source.is_file():
+        name = next((name[:-len(s)] for s in ARCHIVE_SUFFIXES if name.lower().endswith(s)), name)
+    name = name.lstrip(".")
+    if not name:
+        raise DataError(f"cannot name the staged copy of {source} (its name is empty without dots and archive "
+                        "suffixes): rename it, e.g. to birds.zip or birds/")
+    return name
+
+
+def list_source(source: Path) -> list[Entry]:
+    """Everything stage copies, folders before what they hold; links are listed, not followed."""
+    if source.is_file():
+        info = source.stat()
+        return [Entry(source.name, "file", info.st_size, info.st_mtime_ns)]
+    entries, folders = [], [source]
+    while folders:
+        for item in sorted(os.scandir(folders.pop()), key=lambda item: item.name):
+            path, info = Path(item.path), item.stat(follow_symlinks=False)
+            relative = str(path.relative_to(source))
+            if item.is_symlink():
+                entries.append(Entry(relative, "link", 0, info.st_mtime_ns, link_inside(source, path)))
+            elif item.is_dir(follow_symlinks=False):
+                entries.append(Entry(relative, "dir", 0, 0))
+                folders.append(path)
+            elif item.is_file(follow_symlinks=False):
+                entries.append(Entry(relative, "file", info.st_size, info.st_mtime_ns))
+            else:
+                raise DataError(f"{path} is not a file, folder or link: remove it from the dataset")
+    return entries
+
+
+def link_inside(root: Path, link: Path) -> str:
+    """The target of a link that is relative and stays inside root (so it works in the copy)."""
+    target = os.readlink(link)
+    if os.path.isabs(target) or not Path(os.path.realpath(link)).is_relative_to(root):
+        raise DataError(f"{link} is a link to {target}, outside the dataset or absolute, which a staged copy cannot "
+                        "hold: replace links by the files, e.g. `cp -rL DATASET COPY`, and stage the copy")
+    return target
+
+
+def source_identity(source: Path, entries: list[Entry]) -> dict:
+    """What the .staged marker records about the source: see the list above."""
+    manifest = "".join(f"{e.relative}\0{e.kind}\0{e.size}\0{e.mtime_ns}\0{e.target}\n" for e in entries)
+    return {"source": str(source), "files": sum(e.kind == "file" for e in entries),
+            "bytes": sum(e.size for e in entries),
+            "manifest_sha256": hashlib.sha256(manifest.encode("utf-8", "surrogateescape")).hexdigest()}
+
+
+def read_marker(staged: Path) -> dict | None:
+    """The source identity recorded in a staged copy, or None."""
+    try:
+        return json.loads((staged / ".staged").read_text())
+    except (OSError, ValueError):  # no copy, or the marker of an older version of this course
+        return None
+
+
+def staged_copy_matches(source: Path, staged: Path) -> bool:
+    """Whether staged is a finished copy of source as source is now (one stat per file of source)."""
+    source = Path(source).expanduser().resolve()
+    return read_marker(staged) == source_identity(source, list_source(source))
+
+
 def stage_dataset(source: Path, destination: Path | None = None) -> Path:
-    """Copy or extract the dataset under destination; reuse a complete earlier copy."""
-    source = Path(source).expanduser()
+    """Copy or extract the dataset under destination; reuse an earlier copy of the source as it is now."""
+    source = Path(source).expanduser().resolve()  # `.` and `..` get their real names
     if not source.exists():
         raise DataError(f"{source} does not exist: give the dataset directory or its archive")
-    destination = Path(destination or default_stage_dir()).expanduser()
-    name = source.name.split(".")[0] if source.is_file() else source.name
-    staged = destination / name
-    destination.mkdir(parents=True, exist_ok=True)
-    # Several tasks on one node may stage at once: the first copies, the others wait for it.
-    with open(destination / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (staged / ".staged").is_file():  # else: a finished copy from an earlier task or step
-            copy_or_extract(source, destination, staged)
+    destination = Path(destination or default_stage_dir()).expanduser().resolve()
+    staged = destination / staged_name(source)
+    if source.is_relative_to(staged) or staged.is_relative_to(source):
+        raise DataError(f"staging {source} to {staged} would copy it onto or into itself: "
+                        "stage to another directory with --to DIR")
+    entries = list_source(check_dataset_root(source) if source.is_dir() else source)
+    identity, needed = source_identity(source, entries), None
+    try:
+        destination.mkdir(parents=True, exist_ok=True)
+        # Several tasks on one node may stage at once: the first copies, the others wait for it.
+        with open(destination / f".{staged.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if read_marker(staged) != identity:  # else: a copy of this source from an earlier task or step
+                discard_stale_copy(staged)
+                if source.is_dir():
+                    needed = space_needed(e.size for e in entries)
+                    check_free_space(destination, needed, f"a copy of {source}", STAGE_ELSEWHERE)
+                    fill_atomically(staged, identity, lambda partial: copy_entries(source, entries, partial))
+                else:
+                    needed = space_needed(m.size for m in archive_members(source))
+                    check_free_space(destination, needed, f"extracting {source}", STAGE_ELSEWHERE)
+                    fill_atomically(staged, identity, lambda partial: extract_archive(source, partial))
+    except OSError as error:
+        raise staging_error(error, destination, needed) from None
     return find_dataset_root(staged)
 
 
-def copy_or_extract(source: Path, destination: Path, staged: Path) -> None:
-    partial = Path(tempfile.mkdtemp(dir=destination, prefix=f".{staged.name}."))
+def discard_stale_copy(staged: Path) -> None:
+    """Remove an earlier copy made by stage; refuse to touch anything else."""
+    if not (staged.exists() or staged.is_symlink()):
+        return
+    if staged.is_symlink() or not (staged / ".staged").is_file():
+        raise DataError(f"{staged} exists and is not a copy made by stage: move it away or stage elsewhere with --to DIR")
+    # Renamed first: a kill half-way through the removal leaves a hidden folder, never a copy
+    # that looks finished.
+    aside = Path(tempfile.mkdtemp(dir=staged.parent, prefix=f".{staged.name}.stale."))
+    os.replace(staged, aside)
+    shutil.rmtree(aside)
+
+
+def fill_atomically(staged: Path, identity: dict, fill: Callable[[Path], None]) -> None:
+    """fill() a hidden temporary folder, mark it, rename it to staged; on any failure remove only that folder."""
+    partial = Path(tempfile.mkdtemp(dir=staged.parent, prefix=f".{staged.name}."))
     try:
-        if source.is_dir():
-            shutil.copytree(check_dataset_root(source), partial, dirs_exist_ok=True)
-        else:
-            safe_extract(source, partial)
-        (partial / ".staged").write_text(str(source) + "\n")
-        shutil.rmtree(staged, ignore_errors=True)
+        fill(partial)
+        (partial / ".staged").write_text(json.dumps(identity) + "\n")
         os.replace(partial, staged)  # all or nothing: a half copy is never used
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+
+
+def copy_entries(source: Path, entries: list[Entry], target: Path) -> None:
+    """Copy what list_source listed. The first error stops the copy (shutil.copytree would try
+    every other file too, and report every failure in one enormous message)."""
+    for entry in entries:
+        path = target / entry.relative
+        if entry.kind == "dir":
+            path.mkdir()
+        elif entry.kind == "link":
+            os.symlink(entry.target, path)
+        else:
+            shutil.copy2(source / entry.relative, path)
+
+
+def staging_error(error: OSError, destination: Path, needed: int | None) -> DataError:
+    """One line for a failed copy: which disk or path, the space needed and free, and what to do."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        need = f"the copy needs {in_megabytes(needed)}, " if needed is not None else ""
+        return DataError(f"{destination} is full ({error.strerror}; {need}{in_megabytes(free_space(destination))} "
+                         f"free): {STAGE_ELSEWHERE}")
+    path = Path(os.fsdecode(error.filename2 or error.filename or destination))
+    if path.is_relative_to(destination) or destination.is_relative_to(path):
+        return DataError(f"cannot write to {path} ({error.strerror}): stage to a writable directory with --to DIR")
+    return DataError(f"cannot read {path} ({error.strerror}): check that you may read the whole dataset")
 
 
 # %% [markdown]

@@ -72,6 +72,11 @@ def check_arch(arch: str) -> None:
         raise UserError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
 
 
+def check_num_classes(num_classes: int, what: str) -> None:
+    if num_classes < 2:
+        raise UserError(f"{what} {num_classes} is out of range: a classifier needs at least 2 classes")
+
+
 def weights_url(arch: str) -> str:
     check_arch(arch)
     return ARCHITECTURES[arch][1].url
@@ -127,10 +132,14 @@ def load_backbone_weights(backbone: nn.Module, arch: str, weights: str) -> None:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise UserError(f"--weights {weights}: no such file; give imagenet, none or a weights file")
+    fix = "give a file saved with torch.save(model.state_dict()), imagenet or none"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated or foreign file: say which
-        raise UserError(f"cannot load weights from {path}: {error}") from None
+    except Exception as error:  # a truncated or foreign file: say which, and what torch says (run_cli keeps it all)
+        raise UserError(f"cannot load weights from {path} ({type(error).__name__}: {error}): {fix}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"cannot load weights from {path} (it holds a {type(state).__name__}, not a state dict "
+                        f"of tensors): {fix}")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the old 1000-class head
     expected = backbone.state_dict()
     mismatched = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
@@ -184,8 +193,7 @@ class BirdClassifier(nn.Module):
 def build_model(arch: str, num_classes: int, weights: str = "imagenet", finetune: bool = False,
                 log=print) -> BirdClassifier:
     """The course's model; `weights` is imagenet, none, or a path to a weights file."""
-    if num_classes < 2:
-        raise UserError(f"the dataset has {num_classes} class(es); a classifier needs at least 2")
+    check_num_classes(num_classes, "the dataset's class count")
     pretrained = weights != "none"
     if not pretrained and not finetune:
         log("notice: --weights none: a random frozen backbone cannot learn, so all layers train")
@@ -224,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fetch-weights":
         print(f"weights for {args.arch} in {fetch_weights(args.arch, args.url)}")
     else:
+        check_num_classes(args.classes, "--classes")
         model = BirdClassifier(args.arch, args.classes, freeze_backbone=not args.finetune)
         total, trainable = count_parameters(model)
         print(f"{args.arch}: {total:,} parameters, {trainable:,} trainable")

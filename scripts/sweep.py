@@ -61,7 +61,7 @@ import argparse
 import csv
 import json
 import statistics
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from data import UserError, atomic_write, run_cli
 import train
@@ -99,10 +99,19 @@ def sweep_arguments(row: dict[str, str], runs_dir: Path) -> list[str]:
     return args + ["--out", str(Path(runs_dir) / row["name"])]
 
 
+def check_run_name(name: str, index: int, runs_dir: Path) -> None:
+    """A row's name is a folder inside runs_dir: not empty, not absolute, never climbing out with '..'."""
+    parts = PurePosixPath(name).parts
+    if not parts or name.startswith("/") or ".." in parts:
+        raise UserError(f"row {index}'s name {name!r} is not a folder inside --runs-dir {runs_dir}: "
+                        "give each row a plain name, such as lr-1e-3")
+
+
 def run_row(sweep_file: Path, index: int, runs_dir: Path, train_args: list[str]) -> int:
     rows = read_sweep(sweep_file)
     if not 0 <= index < len(rows):
         raise UserError(f"row {index} does not exist: {sweep_file} has rows 0 to {len(rows) - 1}")
+    check_run_name(rows[index]["name"], index, runs_dir)
     return train.main(train_args + sweep_arguments(rows[index], runs_dir))
 
 

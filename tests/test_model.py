@@ -78,3 +78,30 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
         model.build_model("resnet18", 5, weights=str(tmp_path / "r50.pth"))
     with pytest.raises(data.UserError, match="no such file"):
         model.build_model("resnet18", 5, weights=str(tmp_path / "missing.pth"))
+
+
+@pytest.mark.parametrize("classes", [-1, 0, 1])
+def test_summary_refuses_fewer_than_two_classes(classes, capsys):
+    with pytest.raises(SystemExit) as exited:
+        data.run_cli(model.main, ["summary", "--arch", "resnet18", "--classes", str(classes)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: --classes {classes} is out of range: a classifier needs at least 2 classes")
+
+
+@pytest.mark.parametrize("content", ["foreign object", "not a dict", "text"])
+def test_a_weights_file_that_cannot_be_loaded_is_one_line_naming_it(tmp_path, capsys, content):
+    import argparse
+    path = tmp_path / "weights.pth"
+    if content == "foreign object":  # torch.load's error for it is 8 lines long
+        torch.save({"conv1.weight": argparse.Namespace()}, path)
+    elif content == "not a dict":
+        torch.save([1, 2, 3], path)
+    else:
+        path.write_text("not weights")
+    with pytest.raises(SystemExit) as exited:
+        data.run_cli(lambda argv: model.build_model("resnet18", 5, weights=str(path)), [])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: cannot load weights from {path} (")
+    assert err.rstrip().endswith("give a file saved with torch.save(model.state_dict()), imagenet or none")

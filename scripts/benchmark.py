@@ -778,7 +778,7 @@ if __name__ == "__main__":
 # profile_run = Path(out_dir) / "profiled"
 # train.fit(train.parse_args(["--data", data_dir, "--arch", arch, "--weights", "none", "--image-size", str(image_size),
 #                             "--batch-size", str(batch_size), "--epochs", "1", "--max-steps", "6", "--workers", "0",
-#                             "--profile", "--out", str(profile_run)]))
+#                             "--profile", "--out", str(profile_run), "--overwrite"]))  # replaces an earlier run
 # print((profile_run / "profile" / "top-ops-rank0.txt").read_text())
 
 # %% [markdown]

@@ -144,18 +144,35 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same directory, then rename.
 
     A job killed half-way (time limit, preemption) leaves the old file intact, never a
-    truncated one: a rename within one filesystem is atomic.
+    truncated one: a rename within one filesystem is atomic. The file is on the disk
+    before the rename and the rename before this returns (fsync of both), so a crash of
+    the node cannot leave an empty file under the new name. The file gets the permissions
+    of any new file (the umask's), not mkstemp's private 0600, so that colleagues sharing
+    a project directory can read it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     os.close(fd)
+
+    def fsync(target) -> None:  # a file's or a directory's contents to the disk
+        descriptor = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
     try:
         write(Path(tmp))
+        fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync(path.parent)
 
 
 # %% [markdown]

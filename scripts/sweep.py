@@ -267,7 +267,7 @@ if __name__ == "__main__":
 # if not Path(data_dir).exists():
 #     make_synthetic(data_dir, classes=10, per_class=(40, 10, 10), image_size=image_size)
 # common = ["--data", data_dir, "--arch", "resnet18", "--weights", "none", "--image-size", str(image_size),
-#           "--epochs", str(epochs), "--workers", "0"]
+#           "--epochs", str(epochs), "--workers", "0", "--overwrite"]  # --overwrite: running again replaces the runs
 # env = {**os.environ, "OMP_NUM_THREADS": "1"}
 # jobs = [subprocess.Popen([sys.executable, "../scripts/sweep.py", "run", sweep_file, str(row), "--runs-dir", runs_dir,
 #                           *common], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -50,11 +50,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
+import hashlib
 import itertools
 import json
+import math
 import os
 import platform
 import random
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -70,7 +75,8 @@ import torchvision
 from torch import nn
 from torch.utils.data import DistributedSampler, TensorDataset
 
-from data import (UserError, atomic_write, default_num_workers, load_splits, make_loader, run_cli)
+from data import (UserError, atomic_write, available_cpus, default_num_workers, load_splits, make_loader,
+                  run_cli)
 from model import ARCHITECTURES, build_model, count_parameters
 
 # %% [markdown]
@@ -103,9 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave unreadable images out and count them (default: stop and name the file)")
     p.add_argument("--no-shuffle", action="store_true",
                    help="keep the data order fixed (to compare single-device and parallel runs)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help=f"0 to {MAX_SEED}: the initial head, the data order, every random draw")
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<job id or time>-<arch>)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt when it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out>/last.pt when it exists; it may change --epochs, --lr, --weight-decay, "
+                        "--image-size, --max-steps and --amp (and, at an epoch's end, --batch-size, --augment, "
+                        "--no-shuffle and the number of processes)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its config.json, metrics.jsonl, last.pt and best.pt)")
     p.add_argument("--stop-after", type=int, default=0,
                    help="stop after this many epochs in this job; a later --resume continues (0: run all)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -127,14 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+MAX_SEED = 2**32 - 1
+
+
 def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     cfg = (parser or build_parser()).parse_args(argv)
-    checks = {"--epochs": cfg.epochs >= 1, "--batch-size": cfg.batch_size >= 1, "--lr": cfg.lr > 0,
-              "--image-size": cfg.image_size >= 16, "--workers": cfg.workers is None or cfg.workers >= 0,
+    checks = {"--epochs": cfg.epochs >= 1, "--batch-size": cfg.batch_size >= 1,
+              "--lr": math.isfinite(cfg.lr) and cfg.lr > 0,  # nan > 0 is False; inf would train to NaN
+              "--weight-decay": math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
+              "--seed": 0 <= cfg.seed <= MAX_SEED, "--image-size": cfg.image_size >= 16,
+              "--workers": cfg.workers is None or cfg.workers >= 0,
               "--max-steps": cfg.max_steps >= 0, "--stop-after": cfg.stop_after >= 0}
     for option, ok in checks.items():
         if not ok:
             raise UserError(f"{option} {getattr(cfg, option[2:].replace('-', '_'))} is out of range: see --help")
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it: choose one")
     conflicts = {("cache_features", "finetune"): "--cache-features needs a frozen backbone: drop --finetune",
                  ("cache_features", "augment"): "--cache-features computes each image's features once, "
                                                 "so random augmentation cannot work: drop --augment",
@@ -196,12 +216,14 @@ def pick_device(requested: str = "auto") -> tuple[torch.device, list[str]]:
         if torch.cuda.is_available():
             return torch.device("cuda"), []
         return torch.device("cpu"), ["notice: no CUDA device found; training on the CPU"]
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", requested):  # mps, meta, xpu...: the course runs on neither
+        raise UserError(f"--device {requested!r} is not one the course trains on: use auto, cpu, cuda or cuda:N")
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {requested}: no CUDA device is visible here; use --device cpu or auto")
-    try:
-        return torch.device(requested), []
-    except RuntimeError:
-        raise UserError(f"--device {requested!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    device = torch.device(requested)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) are visible here")
+    return device, []
 
 
 # %% [markdown]
@@ -230,6 +252,10 @@ def pick_precision(amp: str, device: torch.device) -> torch.dtype | None:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_has_amx() else None
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -261,13 +287,27 @@ def set_cudnn_benchmark(on: bool) -> None:
 # |---|---|
 # | `config.json` | every option, the package versions, the host and the world size |
 # | `metrics.jsonl` | one JSON object per epoch |
-# | `last.pt` | model, optimizer, scheduler, epoch and RNG states: enough to resume |
+# | `last.pt` | what training changed (see below), optimizer, epoch, metrics and RNG states: enough to resume |
 # | `best.pt` | the model with the best validation accuracy so far |
 #
-# Checkpoints are written to a temporary file and renamed, so a job killed while writing
-# leaves the previous checkpoint intact.
+# A run directory holds **one** run. Running again with the same `--out` would replace
+# it, so that needs `--resume` (continue it) or `--overwrite` (replace it, on purpose).
+# While a run trains it holds a lock on its directory, so that a second run started into
+# the same `--out` stops at once instead of both overwriting each other's files. The
+# directory is created only when training is about to start, after the options, the data
+# and the model have been checked: a run that fails before leaves nothing behind.
+#
+# Files are written to a temporary file, flushed to the disk and renamed, so a job killed
+# while writing leaves the previous file intact; the next start removes the temporary
+# file such a kill leaves. A full disk stops the run with one line that says which disk
+# and how much space a checkpoint needs, and the previous checkpoint stays.
 
 # %%
+RESULT_FILES = ("metrics.jsonl", "last.pt", "best.pt")  # what a run leaves that is worth keeping
+RUN_FILES = ("config.json", *RESULT_FILES)
+LOCK_FILE = ".run.lock"
+
+
 def default_run_dir(arch: str) -> Path:
     job = os.environ.get("SLURM_JOB_ID")
     if job and os.environ.get("SLURM_ARRAY_TASK_ID"):
@@ -275,16 +315,68 @@ def default_run_dir(arch: str) -> Path:
     return Path("runs") / f"{job or datetime.now().strftime('%Y%m%d-%H%M%S')}-{arch}"
 
 
-def prepare_run_dir(out: Path) -> Path:
-    """Create the run directory and prove it is writable before any training."""
+def check_run_dir_is_free(out: Path, cfg) -> None:
+    """Refuse to start a new run over an earlier one, unless --resume or --overwrite says what to do.
+
+    A run that stopped before it finished an epoch (a bad image, a typo in an option) left
+    nothing worth keeping, and may be started again as it is.
+    """
+    earlier = [name for name in RESULT_FILES if (out / name).exists() and (out / name).stat().st_size > 0]
+    if earlier and not (cfg.resume or cfg.overwrite):
+        raise UserError(f"{out} already holds a run ({', '.join(earlier)}): continue it with --resume, "
+                        "start a new one with a fresh --out, or replace it with --overwrite")
+
+
+class RunLock:
+    """An advisory lock on a run directory, held while the run trains (flock: released when the process ends)."""
+
+    def __init__(self, out: Path, log=print):
+        self.path, self.fd = out / LOCK_FILE, None
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "a process that is starting"
+            os.close(fd)
+            raise UserError(f"{out} is in use by another run ({holder}): wait for it to end, "
+                            "or give this run another --out") from None
+        except OSError as error:  # a filesystem without locks (Lustre mounted without -o flock)
+            log(f"notice: cannot lock {out} ({error.strerror}): make sure no other run uses this --out")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode())
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None
+
+
+def stale_temp_files(out: Path) -> list[Path]:
+    """The temporary files of atomic_write (.<name>.<random>.tmp) that a kill left next to the run's files."""
+    pattern = re.compile(r"\.(%s)\.[a-z0-9_]{8}\.tmp" % "|".join(map(re.escape, RUN_FILES)))
+    return sorted(p for p in out.glob(".*.tmp") if pattern.fullmatch(p.name))
+
+
+def claim_run_dir(out: Path, cfg, log=print) -> RunLock:
+    """Create the run directory and lock it; check it is free, clear what --overwrite replaces and what
+    an earlier kill left half-written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        lock = RunLock(out, log)
     except OSError as error:
         raise UserError(f"cannot write to run directory {out} ({error.strerror}): choose another --out") from None
-    return out
+    try:
+        check_run_dir_is_free(out, cfg)  # again, now under the lock: another run may have finished meanwhile
+        replaced = [out / name for name in RUN_FILES if cfg.overwrite and (out / name).exists()]
+        for path in replaced + stale_temp_files(out):
+            path.unlink()
+    except BaseException:
+        lock.close()
+        raise
+    if replaced:
+        log(f"notice: --overwrite: replaced the earlier run in {out} ({', '.join(p.name for p in replaced)})")
+    return lock
 
 
 def run_config(cfg, rt: Runtime, classes: list[str]) -> dict:
@@ -307,43 +399,169 @@ def run_config(cfg, rt: Runtime, classes: list[str]) -> dict:
 
 
 def hash_classes(classes: list[str]) -> str:
-    import hashlib
     return hashlib.sha256("\n".join(classes).encode()).hexdigest()[:16]
 
 
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+@contextlib.contextmanager
+def disk_errors_named(path: Path, needed_bytes: int):
+    """Turn a failed write (full disk, quota, read-only) into one line: the file, the disk, the space needed.
+
+    PyTorch reports a full disk as `RuntimeError: [enforce fail at inline_container.cc:672] . unexpected
+    pos`, which names none of them.
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else "the write failed"
+        disk = mount_point(path.parent)
+        free = shutil.disk_usage(disk).free
+        raise UserError(f"cannot write {path} ({reason}): the disk at {disk} has {human_bytes(free)} free and this "
+                        f"file needs about {human_bytes(needed_bytes)} (a full disk or quota?): free space there "
+                        f"or use an --out on a larger disk; the previous {path.name} is kept") from None
+
+
+def finite_json(obj):
+    """obj with NaN and infinities as null: JSON has no such numbers (json.dumps would write NaN tokens)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+    text = json.dumps(finite_json(obj), indent=2, allow_nan=False) + "\n"
+    with disk_errors_named(path, len(text)):
+        atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def metrics_line(record: dict) -> str:
+    return json.dumps(record, allow_nan=False) + "\n"  # fit() stops before a record with NaN gets here
 
 
 def read_metrics(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The records of metrics.jsonl. A torn last line (a write cut short by a full disk or quota) is
+    left out with a notice; a resume rewrites it from the checkpoint."""
+    path = Path(out) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = [(n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    records = []
+    for n, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif n == lines[-1][0]:
+            print(f"notice: {path} line {n} is torn (a write cut short, e.g. by a full disk): left out")
+        else:
+            raise UserError(f"{path} line {n} is not a metrics record: repair or delete that line")
+    return records
 
 
 def append_metrics(out: Path, record: dict) -> None:
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    line = metrics_line(record)
+    with disk_errors_named(out / "metrics.jsonl", len(line)), open(out / "metrics.jsonl", "a") as f:
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
 
 
+def write_metrics(out: Path, records: list[dict]) -> None:
+    """metrics.jsonl with exactly these records (at start: those of the checkpoint's finished epochs)."""
+    text = "".join(map(metrics_line, records))
+    with disk_errors_named(out / "metrics.jsonl", len(text)):
+        atomic_write(out / "metrics.jsonl", lambda tmp: tmp.write_text(text))
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    needed = sum(t.numel() * t.element_size() for t in tensors_in(state))
+    with disk_errors_named(path, needed):
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def tensors_in(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from tensors_in(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from tensors_in(value)
 
 
 # %% [markdown]
 # ## Resuming
 #
 # A resumed run must end exactly where an uninterrupted one would. Besides the weights
-# that needs the optimizer's moments, the learning-rate schedule, the epoch, and the
-# random number generators. The data order of epoch *e* is a function of the seed and *e*
-# alone (the sampler's `set_epoch`), so it needs no state of its own; with `--augment`,
-# so is each image's random crop and flip (the sampler hands every image its own seed).
+# that needs the optimizer's moments, the epoch, and the random number generators. The
+# learning rate is a function of the epoch alone (a cosine from `--lr` down to 0 over
+# `--epochs`, computed afresh every epoch), so a resume with more `--epochs` stretches
+# the rest of the schedule instead of training at learning rate 0. The data order of
+# epoch *e* is a function of the seed and *e* alone (the sampler's `set_epoch`), so it
+# needs no state of its own; with `--augment`, so is each image's random crop and flip
+# (the sampler hands every image its own seed).
+#
+# **What a checkpoint stores.** Only what training changed: the parameters that train
+# and the buffers (BatchNorm's running statistics, which move whenever a BatchNorm layer
+# runs in training mode), not the frozen backbone. The frozen weights are those the run
+# started from (`--weights`), identified by a hash that a resume checks.
+# `load_trained_model` rebuilds the whole model from `best.pt` (or `last.pt`) for
+# inference. For a ResNet-152 with 525 classes and a frozen backbone, `last.pt` is 13.7 MB
+# (head, BatchNorm statistics, the optimizer's moments of the head) and `best.pt` 5.1 MB,
+# where the whole model alone is 238 MB; with `--finetune` everything trains, and
+# `last.pt` is 0.71 GB (the weights and AdamW's two moments of each). Measured on a CPU
+# with a saved random ResNet-152 state dict standing in for the ImageNet file:
+#
+# ```bash
+# python -c "import torch, torchvision; torch.save(torchvision.models.resnet152().state_dict(), 'r152.pth')"
+# python scripts/train.py --data <525 classes> --arch resnet152 --weights r152.pth --image-size 32 \
+#     --epochs 1 --max-steps 1 --out runs/size [--finetune]; ls -l runs/size
+# ```
+#
+# **Every finished epoch is in the checkpoint.** At the end of an epoch the script
+# writes `last.pt` (with every epoch's metrics inside), then `best.pt`, then the new line
+# of `metrics.jsonl`. A job killed between those writes loses nothing: a resume rewrites
+# `metrics.jsonl` and, when needed, `best.pt` from `last.pt`.
+#
+# **A resume with other options** applies what it can honour, with a notice, and refuses
+# the rest in one line (`RESUMABLE_CHANGES` below). Only rank 0 reads the checkpoint; it
+# sends it to the other ranks, so all of them resume from the same state even where a
+# filesystem shows them different views of the run directory.
 #
 # A checkpoint is a pickle, and unpickling can run arbitrary code, so it is loaded with
 # `weights_only=True`, which accepts tensors and plain containers only.
 
 # %%
+def cosine_lr(peak: float, epoch: int, epochs: int) -> float:
+    """The learning rate of epoch `epoch` (from 0) of `epochs`: a cosine from peak down towards 0."""
+    return peak * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -358,17 +576,121 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(path: Path, expected: dict) -> dict:
-    """Load last.pt; refuse one written for a different model or dataset."""
+def frozen_names(model: nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters() if not p.requires_grad}
+
+
+def trained_state(model: nn.Module) -> dict:
+    """The model's state without its frozen parameters, which training never changes."""
+    frozen = frozen_names(model)
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
+def frozen_digest(model: nn.Module) -> str | None:
+    """A hash of the frozen parameters' values: the starting weights a checkpoint leaves out."""
+    frozen = frozen_names(model)
+    if not frozen:
+        return None
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if name in frozen:
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+def model_record(model: nn.Module, cfg, classes: list[str], frozen_weights_hash: str | None) -> dict:
+    """What best.pt and last.pt hold to rebuild the model: its kind, its classes, and what training changed."""
+    weights = cfg.weights if cfg.weights in ("imagenet", "none") else str(Path(cfg.weights).resolve())
+    return {"arch": cfg.arch, "classes": classes, "finetune": cfg.finetune, "weights": weights,
+            "frozen_weights_hash": frozen_weights_hash, "model": trained_state(model)}
+
+
+def load_state_into(model: nn.Module, record: dict, path: Path) -> None:
+    """Load the stored state; the parameters it leaves out must be exactly the frozen ones."""
+    result = model.load_state_dict(record["model"], strict=False)
+    if result.unexpected_keys or set(result.missing_keys) != frozen_names(model):
+        raise UserError(f"{path} does not fit this model ({len(result.missing_keys)} tensors missing, "
+                        f"{len(result.unexpected_keys)} unexpected): use the --arch and --weights it was written with")
+
+
+def load_trained_model(path: Path, weights: str | None = None) -> tuple[nn.Module, dict]:
+    """The model of a best.pt or last.pt, for inference, and the file's contents (classes, epoch, ...).
+
+    The frozen backbone comes from the weights the run started from, which the file names; pass
+    `weights` when that file has moved (the hash must match).
+    """
+    path = Path(path)
+    record = read_checkpoint_file(path, ("arch", "classes", "finetune", "weights", "frozen_weights_hash", "model"))
+    source = (weights or record["weights"]) if record["frozen_weights_hash"] else "none"  # all stored: none frozen
+    model = build_model(record["arch"], len(record["classes"]), source, record["finetune"], log=lambda *a: None)
+    if frozen_digest(model) != record["frozen_weights_hash"]:
+        raise UserError(f"{path} was trained from other starting weights than {weights or record['weights']}: "
+                        "pass the weights file the run used")
+    load_state_into(model, record, path)
+    return model.eval(), record
+
+
+def read_checkpoint_file(path: Path, required: tuple[str, ...]) -> dict:
+    """torch.load with weights_only, and every load error as one line that names the file."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise UserError(f"cannot load checkpoint {path} ({error}): delete it to start afresh") from None
-    for key, value in expected.items():
-        if checkpoint.get("identity", {}).get(key) != value:
-            raise UserError(f"cannot resume from {path}: it was written with {key}="
-                            f"{checkpoint.get('identity', {}).get(key)!r}, this run has {key}={value!r}; "
-                            "use another --out or the original settings")
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise UserError(f"cannot load checkpoint {path} ({type(error).__name__}: {reason[:200]}): "
+                        "delete it, or use another --out, to start afresh") from None
+    missing = [key for key in required if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing and isinstance(checkpoint, dict) and "identity" in checkpoint:  # the format before "settings"
+        raise UserError(f"{path} was written by an earlier version of train.py: finish that run with it, "
+                        "or start a new one with another --out")
+    if missing:
+        raise UserError(f"{path} is not a checkpoint of this course's train.py (no {', '.join(missing)}): "
+                        "use another --out, or delete it to start afresh")
+    return checkpoint
+
+
+# What a resume may change, and what not. Always fixed: what the checkpoint cannot honour,
+# the model and its classes, what trains and the weights it started from, the optimizer
+# (its state has other entries) and the seed (the data order and every random draw derive
+# from it). Fixed within an epoch: what decides which images the rest of the epoch holds;
+# a run stopped at an epoch's end may change them. Any other option that changes the
+# result applies from the resumed step on, with a notice.
+FIXED_ON_RESUME = ("arch", "num_classes", "classes_digest", "finetune", "weights", "frozen_weights_hash", "optimizer",
+                   "seed")
+FIXED_WITHIN_AN_EPOCH = ("batch_size", "processes", "augment", "no_shuffle")
+RESUMABLE_CHANGES = ("epochs", "lr", "weight_decay", "image_size", "max_steps", "precision")
+
+
+def run_settings(cfg, rt: Runtime, classes: list[str], frozen_weights_hash: str | None, dtype) -> dict:
+    """The settings that decide a run's result, as a checkpoint records them."""
+    return {"arch": cfg.arch, "num_classes": len(classes), "classes_digest": hash_classes(classes),
+            "finetune": cfg.finetune, "weights": "none" if cfg.weights == "none" else "pretrained",
+            "frozen_weights_hash": frozen_weights_hash, "optimizer": cfg.optimizer, "seed": cfg.seed,
+            "batch_size": cfg.batch_size, "processes": rt.world_size, "augment": cfg.augment,
+            "no_shuffle": cfg.no_shuffle, "epochs": cfg.epochs, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+            "image_size": cfg.image_size, "max_steps": cfg.max_steps, "precision": precision_name(dtype)}
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "partial", "best_val_acc", "best_epoch", "rng",
+                   "settings", "metrics")
+
+
+def load_checkpoint(path: Path, settings: dict, log=print) -> dict:
+    """Load last.pt; refuse one this run cannot continue, and say which changed settings it applies."""
+    checkpoint = read_checkpoint_file(path, CHECKPOINT_KEYS)
+    saved = checkpoint["settings"]
+    fixed = FIXED_ON_RESUME + (FIXED_WITHIN_AN_EPOCH if checkpoint["partial"] else ())
+    changed = [key for key in fixed if saved.get(key) != settings[key]]
+    if changed:
+        differences = "; ".join(f"it was written with {key}={saved.get(key)!r}, this run has {key}={settings[key]!r}"
+                                for key in changed)
+        within = (f" (it stopped in the middle of epoch {checkpoint['epoch'] + 1}; these may change only "
+                  "when it stops at an epoch's end)" if set(changed) & set(FIXED_WITHIN_AN_EPOCH) else "")
+        raise UserError(f"cannot resume from {path}: {differences}{within}; "
+                        "use the original settings, or another --out for a new run")
+    for key in RESUMABLE_CHANGES + FIXED_WITHIN_AN_EPOCH:
+        if saved.get(key) != settings[key]:
+            log(f"notice: resuming with {key} {settings[key]} instead of {saved.get(key)}")
     return checkpoint
 
 
@@ -413,11 +735,23 @@ class StopRequest:
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreements on stopping
 
 
-def agree_to_stop(stop: StopRequest | None, rt: Runtime) -> str | None:
-    """The same answer on every rank: SIGUSR1 if any rank got it, else SIGTERM if any did, else None."""
+def agree_to_stop(stop: StopRequest | None, rt: Runtime, diverged: torch.Tensor | None = None) -> str | None:
+    """The same answer on every rank: "diverged" if the loss of any rank became NaN or infinite, else
+    SIGUSR1 if any rank got it, else SIGTERM if any did, else None."""
     got = stop.received if stop is not None else None
-    votes = rt.all_reduce_sum(torch.tensor([float(got == "SIGUSR1"), float(got == "SIGTERM")], device=rt.device))
-    return "SIGUSR1" if votes[0] > 0 else "SIGTERM" if votes[1] > 0 else None
+    votes = rt.all_reduce_sum(torch.stack([torch.tensor(float(got == "SIGUSR1"), device=rt.device),
+                                           torch.tensor(float(got == "SIGTERM"), device=rt.device),
+                                           (diverged if diverged is not None else torch.tensor(False)).to(
+                                               rt.device, torch.float32)]))
+    return "diverged" if votes[2] > 0 else "SIGUSR1" if votes[0] > 0 else "SIGTERM" if votes[1] > 0 else None
+
+
+def diverged(epoch: int, first_nonfinite: int, cfg) -> UserError:
+    """The one-line error for a loss that became NaN or infinite; nothing of that epoch is written."""
+    where = f"at step {first_nonfinite + 1}" if first_nonfinite >= 0 else "on another process"
+    return UserError(f"the training loss became NaN or infinite in epoch {epoch + 1} {where}: the learning rate "
+                     f"(--lr {cfg.lr:g}) is probably too high; lower it (last.pt and best.pt keep the last "
+                     "finished epoch)")
 
 
 def requeue_slurm_job(rt: Runtime) -> str:
@@ -447,7 +781,7 @@ class ResumableSampler(DistributedSampler):
         indices = itertools.islice(super().__iter__(), self.skip, None)
         if not self.seed_draws:
             return indices
-        return ((i, (self.seed * 1_000_003 + self.epoch) * 1_000_003 + i) for i in indices)
+        return ((i, ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i) % 2**63) for i in indices)
 
     def __len__(self) -> int:
         return super().__len__() - self.skip
@@ -497,6 +831,7 @@ def train_one_epoch(model, loader, optimizer, scaler, cfg, rt: Runtime, epoch: i
     loss_sum = torch.tensor(partial["loss_sum"] if rt.is_main else 0.0, device=rt.device, dtype=torch.float64)
     seen = partial["seen"] if rt.is_main else 0
     started = time.perf_counter() - partial["seconds"]
+    first_nonfinite = torch.tensor(-1, device=rt.device)  # on the device: no wait for the GPU in every step
     bar = progress(loader, steps - first, f"epoch {epoch + 1}", rt.is_main and interactive())
     for step, (images, labels) in enumerate(bar, start=first):
         if step >= steps:
@@ -510,9 +845,13 @@ def train_one_epoch(model, loader, optimizer, scaler, cfg, rt: Runtime, epoch: i
         scaler.update()
         loss_sum += loss.detach() * len(labels)
         seen += len(labels)
+        first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(loss.detach()), step, first_nonfinite)
         if not interactive() and (step + 1) % log_every == 0:
             rt.log(f"epoch {epoch + 1} step {step + 1}/{steps} loss {loss.item():.4f}")
-        reason = agree_to_stop(stop, rt) if (step + 1) % STOP_CHECK_EVERY == 0 and step + 1 < steps else None
+        reason = (agree_to_stop(stop, rt, first_nonfinite >= 0) if (step + 1) % STOP_CHECK_EVERY == 0
+                  and step + 1 < steps else None)
+        if reason == "diverged":
+            raise diverged(epoch, int(first_nonfinite), cfg)
         if reason:
             totals = rt.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), device=rt.device,
                                                                             dtype=torch.float64)]))
@@ -520,6 +859,8 @@ def train_one_epoch(model, loader, optimizer, scaler, cfg, rt: Runtime, epoch: i
                     "seconds": time.perf_counter() - started}
     totals = rt.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), device=rt.device,
                                                                     dtype=torch.float64)]))
+    if not torch.isfinite(totals[0]):  # on some rank: the sums are global
+        raise diverged(epoch, int(first_nonfinite), cfg)
     seconds = time.perf_counter() - started
     return {"train_loss": (totals[0] / totals[1]).item(), "train_samples": int(totals[1].item()),
             "images_per_sec": totals[1].item() / seconds, "train_seconds": seconds}
@@ -682,19 +1023,120 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def fit(cfg, rt: Runtime | None = None, stop: StopRequest | None = None) -> dict:
-    """Train according to cfg; return the summary of the last epoch (or of the stop)."""
-    if rt is None:
-        device, notices = pick_device(cfg.device)
-        rt = Runtime(device=device, notices=notices)
-    for notice in rt.notices:
-        rt.log(notice)
-    out = Path(rt.broadcast_object(str(cfg.out or default_run_dir(cfg.arch))))
+def on_rank0(rt: Runtime, decide):
+    """decide() on rank 0 only; every rank gets its result, or raises its UserError."""
+    outcome = None
     if rt.is_main:
-        prepare_run_dir(out)
+        try:
+            outcome = ("ok", decide())
+        except UserError as error:
+            outcome = ("error", str(error))
+    kind, value = rt.broadcast_object(outcome)
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
+def capped_workers(workers: int, rt: Runtime) -> int:
+    """More loader processes than CPUs only make them queue for the CPUs (and can exhaust memory)."""
+    cpus = available_cpus()
+    if workers > cpus:
+        rt.log(f"notice: --workers {workers} is more than the {cpus} CPU(s) available: using {cpus}")
+        return cpus
+    return workers
+
+
+@dataclass
+class RunState:
+    """Where a run stands: epochs finished, the best of them, every finished epoch's metrics, and the
+    position within the next epoch when it stopped in the middle of one."""
+    epoch: int = 0
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    partial: dict | None = None
+    metrics: list[dict] = field(default_factory=list)
+
+
+def resume_checkpoint(out: Path, cfg, settings: dict, log=print) -> dict | None:
+    """last.pt when resuming and it exists (rank 0 decides: ranks may see a shared directory differently)."""
+    path = out / "last.pt"
+    return load_checkpoint(path, settings, log) if cfg.resume and path.exists() else None
+
+
+def restore(checkpoint: dict, model, optimizer, scaler, cfg, path: Path) -> RunState:
+    load_state_into(model, checkpoint, path)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    for group in optimizer.param_groups:
+        group["weight_decay"] = cfg.weight_decay  # a new --weight-decay applies; the lr is set every epoch
+    if scaler.is_enabled() and checkpoint["scaler"]:  # fp16 on both sides: bf16 and fp32 runs have no scaler state
+        scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"])
+    return RunState(checkpoint["epoch"], checkpoint["best_val_acc"], checkpoint["best_epoch"],
+                    checkpoint["partial"], checkpoint["metrics"])
+
+
+def save_best(out: Path, record: dict, state: RunState) -> None:
+    save_checkpoint(out / "best.pt", {**record, "epoch": state.best_epoch, "val_acc": state.best_val_acc})
+
+
+def repair_best(out: Path, state: RunState, record: dict) -> None:
+    """After a kill between writing last.pt and best.pt: the resumed model is then the best one."""
+    if state.partial or state.epoch == 0 or state.best_epoch != state.epoch:
+        return
+    with contextlib.suppress(Exception):  # a missing or broken best.pt is rewritten
+        if torch.load(out / "best.pt", map_location="cpu", weights_only=True).get("epoch") == state.best_epoch:
+            return
+    save_best(out, record, state)
+
+
+def check_finite(record: dict, cfg) -> None:
+    """Stop before a record with NaN or infinities reaches metrics.jsonl (JSON has no such numbers)."""
+    bad = [key for key, value in record.items() if isinstance(value, float) and not math.isfinite(value)]
+    if bad:
+        raise UserError(f"{', '.join(bad)} of epoch {record['epoch']} is NaN or infinite: the learning rate "
+                        f"(--lr {cfg.lr:g}) is probably too high; lower it (last.pt and best.pt keep the last "
+                        "finished epoch)")
+
+
+@dataclass
+class Training:
+    """Everything fit builds before the first epoch."""
+    cfg: argparse.Namespace
+    rt: Runtime
+    out: Path
+    splits: dict
+    sampler: ResumableSampler
+    train_loader: object
+    val_loader: object
+    model: nn.Module
+    frozen_weights_hash: str | None  # the hash of the frozen starting weights (rank 0), None when all train
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    dtype: torch.dtype | None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.splits["train"].classes
+
+    def model_record(self) -> dict:
+        return model_record(self.model, self.cfg, self.classes, self.frozen_weights_hash)
+
+    def settings(self) -> dict:
+        return run_settings(self.cfg, self.rt, self.classes, self.frozen_weights_hash, self.dtype)
+
+    def checkpoint(self, state: RunState, epochs_done: int, rng: dict, partial: dict | None = None) -> dict:
+        return {**self.model_record(), "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": epochs_done, "partial": partial, "best_val_acc": state.best_val_acc,
+                "best_epoch": state.best_epoch, "rng": rng, "settings": self.settings(), "metrics": state.metrics}
+
+
+def prepare(cfg, rt: Runtime) -> Training:
+    """Data, model, optimizer and precision; the checks that can fail all come before the run directory."""
+    cfg.workers = capped_workers(cfg.workers, rt)
+    out = Path(rt.broadcast_object(str(cfg.out or default_run_dir(cfg.arch))))
+    on_rank0(rt, lambda: check_run_dir_is_free(out, cfg))  # at once, not after reading the data
     splits = load_splits(cfg.data, cfg.image_size, augment=cfg.augment, gpu_decode=use_gpu_decode(cfg, rt),
                          skip_bad=cfg.skip_bad_images)
-    classes = splits["train"].classes
     check_sizes(cfg, rt, len(splits["train"]), len(splits["valid"]))
     sampler = ResumableSampler(splits["train"], num_replicas=rt.world_size, rank=rt.rank,
                                shuffle=not cfg.no_shuffle, seed=cfg.seed)
@@ -705,84 +1147,100 @@ def fit(cfg, rt: Runtime | None = None, stop: StopRequest | None = None) -> dict
 
     torch.manual_seed(cfg.seed)  # the same initial head on every rank
     random.seed(cfg.seed)
-    model = build_model(cfg.arch, len(classes), cfg.weights, cfg.finetune, log=rt.log).to(rt.device)
+    model = build_model(cfg.arch, len(splits["train"].classes), cfg.weights, cfg.finetune, log=rt.log)
+    frozen_hash = frozen_digest(model) if rt.is_main else None  # still on the CPU
+    model = model.to(rt.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     dtype = pick_precision(cfg.amp, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=dtype == torch.float16)
     set_cudnn_benchmark(cfg.cudnn_benchmark)
+    return Training(cfg, rt, out, splits, sampler, train_loader, val_loader, model, frozen_hash,
+                    build_optimizer(cfg, model), scaler, dtype)
 
-    identity = {"arch": cfg.arch, "num_classes": len(classes), "classes_digest": hash_classes(classes),
-                "finetune": cfg.finetune, "weights": "none" if cfg.weights == "none" else "pretrained"}
-    start_epoch, best_acc, partial = 0, -1.0, None
-    if cfg.resume and (out / "last.pt").exists():
-        checkpoint = load_checkpoint(out / "last.pt", identity)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scheduler.T_max = cfg.epochs  # more --epochs than before stretches the schedule
-        scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"])
-        start_epoch, best_acc, partial = checkpoint["epoch"], checkpoint["best_val_acc"], checkpoint.get("partial")
-        where = f"epoch {start_epoch + 1} step {partial['step']}" if partial else f"the end of epoch {start_epoch}"
-        rt.log(f"resumed from {out / 'last.pt'} at {where}")
-    if rt.is_main:
-        kept = [m for m in read_metrics(out) if m["epoch"] <= start_epoch]  # drop epochs redone
-        atomic_write(out / "metrics.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(m) + "\n" for m in kept)))
-        write_json(out / "config.json", run_config(cfg, rt, classes))
+
+def fit(cfg, rt: Runtime | None = None, stop: StopRequest | None = None) -> dict:
+    """Train according to cfg; return the summary of the last epoch (or of the stop)."""
+    if rt is None:
+        device, notices = pick_device(cfg.device)
+        rt = Runtime(device=device, notices=notices)
+    for notice in rt.notices:
+        rt.log(notice)
+    t = prepare(cfg, rt)
+    with contextlib.ExitStack() as held:
+        def claim() -> None:
+            held.enter_context(contextlib.closing(claim_run_dir(t.out, cfg, rt.log)))  # released when fit ends
+        on_rank0(rt, claim)  # only rank 0 creates, locks and writes the run directory
+        checkpoint = on_rank0(rt, lambda: resume_checkpoint(t.out, cfg, t.settings(), rt.log))
+        state = RunState()
+        if checkpoint:
+            state = restore(checkpoint, t.model, t.optimizer, t.scaler, cfg, t.out / "last.pt")
+            where = (f"epoch {state.epoch + 1} step {state.partial['step']}" if state.partial
+                     else f"the end of epoch {state.epoch}")
+            rt.log(f"resumed from {t.out / 'last.pt'} at {where}")
+        del checkpoint  # its tensors are in the model and the optimizer now
+        if rt.is_main:
+            write_json(t.out / "config.json", run_config(cfg, rt, t.classes))
+            write_metrics(t.out, state.metrics)  # the lines a kill lost come back; those of epochs to redo go
+            repair_best(t.out, state, t.model_record())
+        return train_epochs(t, state, stop)
+
+
+def train_epochs(t: Training, state: RunState, stop: StopRequest | None) -> dict:
+    """The epochs from state on; after each: last.pt, then best.pt, then the metrics line (rank 0)."""
+    cfg, rt, out = t.cfg, t.rt, t.out
+    train_loader, val_loader = t.train_loader, t.val_loader
     if cfg.cache_features:  # the backbone runs once, here; every epoch trains the head on its output
-        train_loader, val_loader = cached_feature_loaders(model, splits, sampler, cfg, rt, dtype)
+        train_loader, val_loader = cached_feature_loaders(t.model, t.splits, t.sampler, cfg, rt, t.dtype)
     if cfg.profile:
         train_loader = ProfiledLoader(train_loader, out / cfg.profile, rt)
-    train_model = rt.wrap_model(model, cfg)
+    train_model = rt.wrap_model(t.model, cfg)
     if cfg.compile:
         train_model = torch.compile(train_model)
 
-    total, trainable = count_parameters(model)
+    total, trainable = count_parameters(t.model)
     rt.log(f"run directory {out}")
-    rt.log(f"{cfg.arch}: {trainable:,} of {total:,} parameters train | {len(classes)} classes | "
-           f"{len(splits['train'])} train, {len(splits['valid'])} valid images | device {rt.device} | "
-           f"precision {dtype or 'fp32'}")
+    rt.log(f"{cfg.arch}: {trainable:,} of {total:,} parameters train | {len(t.classes)} classes | "
+           f"{len(t.splits['train'])} train, {len(t.splits['valid'])} valid images | device {rt.device} | "
+           f"precision {precision_name(t.dtype)}")
     rt.log(f"processes {rt.world_size} | batch per process {cfg.batch_size} | global batch "
            f"{cfg.batch_size * rt.world_size} | lr {cfg.lr:g} | workers {cfg.workers}")
-    wandb_run = start_wandb(cfg, out, run_config(cfg, rt, classes)) if rt.is_main and cfg.wandb != "off" else None
-
-    def checkpoint(epochs_done: int, rng: dict, partial_state: dict | None = None) -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epochs_done,
-                "partial": partial_state, "best_val_acc": best_acc, "rng": rng, "identity": identity}
+    wandb_run = start_wandb(cfg, out, run_config(cfg, rt, t.classes)) if rt.is_main and cfg.wandb != "off" else None
 
     record = {}
-    last_epoch = min(cfg.epochs, start_epoch + cfg.stop_after) if cfg.stop_after else cfg.epochs
-    for epoch in range(start_epoch, last_epoch):
+    last_epoch = min(cfg.epochs, state.epoch + cfg.stop_after) if cfg.stop_after else cfg.epochs
+    for epoch in range(state.epoch, last_epoch):
+        partial, state.partial = state.partial, None
+        lr = cosine_lr(cfg.lr, epoch, cfg.epochs)  # from the epoch alone: --epochs may change on resume
+        set_learning_rate(t.optimizer, lr)
         started = time.perf_counter() - (partial["seconds"] if partial else 0.0)
         epoch_rng = rng_state()  # a mid-epoch checkpoint restores the state of the epoch's start
-        sampler.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
-        sampler.skip = partial["step"] * cfg.batch_size if partial else 0
-        train_stats = train_one_epoch(train_model, train_loader, optimizer, scaler, cfg, rt, epoch, dtype,
+        t.sampler.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
+        t.sampler.skip = partial["step"] * cfg.batch_size if partial else 0
+        train_stats = train_one_epoch(train_model, train_loader, t.optimizer, t.scaler, cfg, rt, epoch, t.dtype,
                                       stop, partial)
-        sampler.skip, partial = 0, None
+        t.sampler.skip = 0
         if "stopped_at_step" in train_stats:
             finish_wandb(wandb_run, cfg, out)
-            return stop_run(rt, out, epoch, train_stats, cfg, best_acc,
-                            lambda: save_checkpoint(out / "last.pt", checkpoint(epoch, epoch_rng, {
-                                "step": train_stats["stopped_at_step"], **{k: train_stats[k] for k in
-                                                                           ("loss_sum", "seen", "seconds")}})))
-        val_stats = evaluate(model, val_loader, cfg, rt, dtype)
-        record = {"epoch": epoch + 1, **train_stats, **val_stats, "lr": scheduler.get_last_lr()[0],
+            position = {"step": train_stats["stopped_at_step"],
+                        **{k: train_stats[k] for k in ("loss_sum", "seen", "seconds")}}
+            return stop_run(rt, out, epoch, train_stats, cfg, state.best_val_acc,
+                            lambda: save_checkpoint(out / "last.pt", t.checkpoint(state, epoch, epoch_rng, position)))
+        val_stats = evaluate(t.model, val_loader, cfg, rt, t.dtype)
+        record = {"epoch": epoch + 1, **train_stats, **val_stats, "lr": lr,
                   "epoch_seconds": time.perf_counter() - started}
         if cfg.skip_bad_images:
-            record["skipped_images"] = count_skipped(splits, rt)
+            record["skipped_images"] = count_skipped(t.splits, rt)
             rt.log(f"skipped {record['skipped_images']} unreadable image(s) in epoch {epoch + 1} (--skip-bad-images)")
-        scheduler.step()
-        best_acc = max(best_acc, record["val_acc"])
-        if rt.is_main:
-            save_checkpoint(out / "last.pt", checkpoint(epoch + 1, rng_state()))
-            if record["val_acc"] >= best_acc:
-                save_checkpoint(out / "best.pt", {"model": model.state_dict(), "classes": classes,
-                                                  "arch": cfg.arch, "epoch": epoch + 1, "val_acc": best_acc})
+        check_finite(record, cfg)
+        is_best = record["val_acc"] >= state.best_val_acc
+        if is_best:
+            state.best_val_acc, state.best_epoch = record["val_acc"], epoch + 1
+        state.epoch, state.metrics = epoch + 1, [*state.metrics, record]
+        if rt.is_main:  # in this order: last.pt holds every finished epoch's metrics, so a resume repairs the rest
+            save_checkpoint(out / "last.pt", t.checkpoint(state, epoch + 1, rng_state()))
+            if is_best:
+                save_best(out, t.model_record(), state)
             append_metrics(out, record)
             if wandb_run:
                 wandb_run.log(record, step=epoch + 1)
@@ -794,10 +1252,11 @@ def fit(cfg, rt: Runtime | None = None, stop: StopRequest | None = None) -> dict
         reason = agree_to_stop(stop, rt) if epoch + 1 < last_epoch else None  # signalled during validation?
         if reason:
             finish_wandb(wandb_run, cfg, out)
-            return stop_run(rt, out, epoch + 1, {"stopped_at_step": 0, "reason": reason}, cfg, best_acc, lambda: None)
+            return stop_run(rt, out, epoch + 1, {"stopped_at_step": 0, "reason": reason}, cfg, state.best_val_acc,
+                            lambda: None)
     finish_wandb(wandb_run, cfg, out)
-    final = record or (read_metrics(out)[-1] if rt.is_main and read_metrics(out) else {})
-    return {"run_dir": str(out), "epochs": cfg.epochs, "best_val_acc": best_acc, **final}
+    final = record or (state.metrics[-1] if state.metrics else {})
+    return {"run_dir": str(out), "epochs": cfg.epochs, "best_val_acc": state.best_val_acc, **final}
 
 
 def count_skipped(splits: dict, rt: Runtime) -> int:
@@ -836,15 +1295,24 @@ def summary_line(summary: dict) -> str:
 # `wandb` is imported: `wandb.init(mode="offline")` alone still makes a network lookup at
 # exit that stalls on nodes without DNS. The whole config is passed to `wandb.init`, so
 # every hyperparameter reaches W&B (the original overwrote `wandb.config` afterwards).
+#
+# The W&B run's id comes from the run directory, so a requeued or resumed job continues
+# the same W&B run instead of starting a new one each time it starts.
 
 # %%
+def wandb_run_id(out: Path) -> str:
+    """The same id for every start of the run in `out` (W&B ids: letters, digits, - and _)."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", out.name)[:40]
+    return f"{name}-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:12]}"
+
+
 def start_wandb(cfg, out: Path, config: dict):
     os.environ["WANDB_MODE"] = cfg.wandb
     os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
     return wandb.init(project=cfg.wandb_project, name=out.name, dir=str(out), config=config,
-                      resume="allow" if cfg.resume else None, id=None)
+                      id=wandb_run_id(out), resume="allow")
 
 
 def finish_wandb(run, cfg, out: Path) -> None:
@@ -872,6 +1340,10 @@ if __name__ == "__main__":
 #
 # A short run on the synthetic data. Watch the per-epoch lines: the training loss falls,
 # and the validation accuracy climbs far above chance (1 / number of classes).
+#
+# The run directory already holds a run when you run this notebook a second time, and
+# `fit` refuses to destroy a run silently: `--overwrite` says that replacing it is
+# intended. Without it, you would choose a fresh `--out` or continue with `--resume`.
 
 # %% tags=["active-ipynb"]
 # from data import make_synthetic
@@ -879,7 +1351,7 @@ if __name__ == "__main__":
 #     make_synthetic(data_dir, classes=10, per_class=(40, 10, 10), image_size=image_size)
 # cfg = parse_args(["--data", data_dir, "--arch", arch, "--weights", weights, "--image-size", str(image_size),
 #                   "--epochs", str(epochs), "--batch-size", str(batch_size), "--workers", str(workers),
-#                   "--out", out_dir])
+#                   "--out", out_dir, "--overwrite"])
 # summary = fit(cfg)
 # print(summary_line(summary))
 
@@ -907,14 +1379,12 @@ if __name__ == "__main__":
 # ### Predictions against the truth
 #
 # The best model on a few validation images: green titles are right, red ones wrong. Do
-# the mistakes share a colour?
+# the mistakes share a colour? `load_trained_model` rebuilds the whole model from
+# `best.pt`, which holds only what training changed.
 
 # %% tags=["active-ipynb"]
 # from data import IMAGENET_MEAN, IMAGENET_STD
-# best = torch.load(Path(out_dir) / "best.pt", weights_only=True)
-# model = build_model(arch, len(best["classes"]), weights="none", log=lambda *a: None)
-# model.load_state_dict(best["model"])
-# model.eval()
+# model, best = load_trained_model(Path(out_dir) / "best.pt")
 # valid = load_splits(data_dir, image_size, splits=("valid",))["valid"]
 # picks = list(range(0, len(valid), max(1, len(valid) // 8)))[:8]
 # images = torch.stack([valid[i][0] for i in picks])
@@ -934,16 +1404,24 @@ if __name__ == "__main__":
 # ## Exercises
 #
 # **1.** Resume the run for two more epochs: call `fit` again with `--epochs` raised by 2
-# and `--resume`. How many lines does `metrics.jsonl` have afterwards?
+# and `--resume`. How many lines does `metrics.jsonl` have afterwards? Then look at its
+# `lr` column: the two new epochs continue the cosine schedule of the longer run, so
+# they train at `cosine_lr(cfg.lr, e, epochs + 2)` for epochs `e = epochs, epochs + 1`
+# (counted from 0), not at 0.
 
 # %% tags=["active-ipynb"]
 # resumed_lines = None  # your answer: a number
 
 # %% tags=["active-ipynb"]
-# if resumed_lines == epochs + 2:
-#     print("Correct: resuming continues after the last finished epoch and appends one line per new epoch.")
+# new_lrs = [m["lr"] for m in read_metrics(Path(out_dir))[epochs:]]
+# longer_schedule = [cosine_lr(cfg.lr, e, epochs + 2) for e in range(epochs, epochs + 2)]
+# if resumed_lines == epochs + 2 and len(new_lrs) == 2 and all(
+#         lr > 0 and math.isclose(lr, want) for lr, want in zip(new_lrs, longer_schedule)):
+#     print(f"Correct: resuming continues after the last finished epoch, appends one line per new epoch, "
+#           f"and the new epochs follow the longer schedule (lr {new_lrs[0]:.2g}, {new_lrs[1]:.2g}).")
 # else:
-#     print("Not yet. Hint: the checkpoint remembers the last finished epoch; only new epochs add lines.")
+#     print("Not yet. Hint: resume first (the solution shows how); the checkpoint remembers the last finished "
+#           "epoch, only new epochs add lines, and their lr column must follow the longer schedule.")
 
 # %% [markdown]
 # <details><summary>Solution</summary>

@@ -54,6 +54,7 @@
 # %%
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -211,9 +212,17 @@ def build_ddp_parser():
     return parser
 
 
+def parse_ddp_args(argv: list[str] | None = None):
+    cfg = parse_args(argv, build_ddp_parser())
+    if not (math.isfinite(cfg.dist_timeout) and cfg.dist_timeout > 0):
+        raise UserError(f"--dist-timeout {cfg.dist_timeout:g} is out of range: the seconds a collective waits "
+                        "for a missing rank, more than 0 (default 600)")
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     stop = StopRequest().install()  # checkpoint and requeue before the time limit (train.py)
-    cfg = parse_args(argv, build_ddp_parser())
+    cfg = parse_ddp_args(argv)
     launch = detect_launch()
     rt = start_distributed(launch, cfg.dist_timeout)
     # One write per line: with several ranks on one terminal, print's two writes can interleave.
@@ -269,7 +278,7 @@ if __name__ == "__main__":
 #            "--master-addr", "127.0.0.1", "--master-port", str(port),
 #            "../scripts/train_ddp.py", "--data", data_dir, "--arch", "resnet18", "--weights", "none",
 #            "--image-size", str(image_size), "--epochs", str(epochs), "--batch-size", str(batch_size),
-#            "--workers", "0", "--out", out_dir]
+#            "--workers", "0", "--out", out_dir, "--overwrite"]  # --overwrite: a second run replaces the first
 # result = subprocess.run(command, capture_output=True, text=True)
 # print(result.stdout[-3000:], result.stderr[-2000:] if result.returncode else "")
 # assert result.returncode == 0

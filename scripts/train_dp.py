@@ -110,7 +110,7 @@ if __name__ == "__main__":
 #     make_synthetic(data_dir, classes=10, per_class=(40, 10, 10), image_size=image_size)
 # cfg = parse_args(["--data", data_dir, "--arch", "resnet18", "--weights", "none", "--image-size", str(image_size),
 #                   "--epochs", str(epochs), "--batch-size", str(batch_size), "--workers", str(workers),
-#                   "--out", out_dir])
+#                   "--out", out_dir, "--overwrite"])  # --overwrite: running the notebook again replaces the run
 # device, notices = pick_device(cfg.device)
 # print(summary_line(fit(cfg, DataParallelRuntime(device=device, notices=notices))))
 

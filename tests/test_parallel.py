@@ -10,7 +10,7 @@ import torch
 import sweep
 import train
 import train_ddp
-from conftest import TINY, cpu_env, run_script, run_torchrun
+from conftest import TINY, cpu_env, run_script, run_torchrun, tiny_train_args
 
 GLOBAL_BATCH = 12  # 96 training images: 8 steps per epoch for 1, 2 and 3 processes
 VALID_IMAGES = TINY["classes"] * TINY["per_class"][1] - 1  # 29: neither 2 nor 3 divides it
@@ -143,3 +143,47 @@ def test_a_sweep_row_that_does_not_exist_is_one_line(tmp_path):
     (tmp_path / "sweep.csv").write_text("name,lr\na,0.1\n")
     result = run_script("sweep.py", "run", tmp_path / "sweep.csv", 3, env=cpu_env())
     assert result.returncode == 2 and "row 3 does not exist" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_a_dist_timeout_that_is_not_positive_is_one_line(tiny_data, tmp_path):
+    result = run_script("train_ddp.py", *tiny_train_args(tiny_data, tmp_path / "run", "--epochs", 1, "--max-steps", 1),
+                        "--dist-timeout", "0")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "--dist-timeout 0 is out of range" in result.stderr
+    for timeout in ("-5", "nan", "inf"):
+        with pytest.raises(train_ddp.UserError, match=f"--dist-timeout {timeout} is out of range"):
+            train_ddp.parse_ddp_args(["--dist-timeout", timeout])
+
+
+HIDE_LAST_PT_FROM_RANK_1 = """
+import os, pathlib, sys
+sys.path.insert(0, {scripts!r})
+import torch, train_ddp
+from data import run_cli
+if os.environ["RANK"] == "1":  # a filesystem whose attribute cache has not seen last.pt yet
+    exists, load = pathlib.Path.exists, torch.load
+    pathlib.Path.exists = lambda self, *a, **k: self.name != "last.pt" and exists(self, *a, **k)
+    def no_last_pt(path, *args, **kwargs):
+        if isinstance(path, (str, os.PathLike)) and pathlib.Path(path).name == "last.pt":
+            raise FileNotFoundError(path)
+        return load(path, *args, **kwargs)
+    torch.load = no_last_pt
+run_cli(train_ddp.main)
+"""
+
+
+def test_rank_0_decides_whether_to_resume_for_every_rank(tiny_data, tmp_path):
+    from conftest import free_port
+    import subprocess
+    import sys
+    wrapper = tmp_path / "rank1_cannot_see_last_pt.py"
+    wrapper.write_text(HIDE_LAST_PT_FROM_RANK_1.format(scripts=str(train_ddp.__file__).rsplit("/", 1)[0]))
+    args = ["--data", tiny_data, "--arch", "resnet18", "--weights", "none", "--image-size", 32, "--batch-size", 4,
+            "--workers", 0, "--max-steps", 2, "--epochs", 2, "--out", tmp_path / "run", "--dist-timeout", 30]
+    train.fit(train.parse_args([str(a) for a in args[:-2]] + ["--stop-after", "1"]))  # one process: 8 images
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(wrapper), *map(str, args), "--resume"]
+    resumed = subprocess.run(command, capture_output=True, text=True, env=cpu_env(), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "at the end of epoch 1" in resumed.stdout
+    assert [(m["epoch"], m["train_samples"]) for m in train.read_metrics(tmp_path / "run")] == [(1, 8), (2, 16)]

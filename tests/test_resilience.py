@@ -198,3 +198,21 @@ def test_a_corrupt_jpeg_stops_by_default_and_is_skipped_and_counted_with_the_fla
     assert "skipped 2 unreadable image(s) in epoch 1" in skipped.stdout
     metrics = train.read_metrics(tmp_path / "run")
     assert [m["skipped_images"] for m in metrics] == [2, 2] and metrics[-1]["train_samples"] == 94
+
+
+# --- one run per run directory ------------------------------------------------------------------
+
+def test_a_second_run_into_a_directory_in_use_stops_and_names_the_first(tiny_data, tmp_path):
+    import socket
+    out = tmp_path / "run"
+    first = start([sys.executable, SCRIPTS / "train.py", *tiny_train_args(tiny_data, out, "--epochs", 50)])
+    lines: list[str] = []
+    try:
+        read_until(first, "run directory", lines)  # it holds the lock from here to its end
+        with pytest.raises(data.UserError) as second:
+            train.fit(train.parse_args([str(a) for a in tiny_train_args(tiny_data, out, "--epochs", 1, "--resume")]))
+    finally:
+        first.kill()
+        finish(first, lines)
+    assert str(second.value) == (f"{out} is in use by another run (host {socket.gethostname()} pid {first.pid}): "
+                                 "wait for it to end, or give this run another --out")

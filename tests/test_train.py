@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -43,7 +45,7 @@ def test_cpu_training_reaches_three_times_chance(tiny_data, tmp_path):
     assert config["num_classes"] == TINY["classes"] and config["world_size"] == 1
     assert config["versions"]["torch"] == torch.__version__ and config["host"]
     checkpoint = torch.load(out / "last.pt", weights_only=True)
-    assert checkpoint["epoch"] == 6 and {"model", "optimizer", "scheduler", "rng"} <= checkpoint.keys()
+    assert checkpoint["epoch"] == 6 and {"model", "optimizer", "rng", "settings", "metrics"} <= checkpoint.keys()
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["classes"] == data.find_classes(tiny_data) and best["val_acc"] == max(m["val_acc"] for m in metrics)
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
@@ -81,6 +83,25 @@ def test_bad_arguments_are_one_line_and_exit_2(tiny_data, tmp_path, args, messag
     result = run_script("train.py", *tiny_train_args(tiny_data, tmp_path / "run"), *args)
     assert result.returncode == 2
     assert message in result.stderr and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # a run that cannot start leaves no directory behind
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", "mps"], "--device 'mps' is not one the course trains on: use auto, cpu, cuda or cuda:N"),
+    (["--device", "meta"], "--device 'meta' is not one the course trains on"),
+    (["--weight-decay", "-1"], "--weight-decay -1.0 is out of range"),
+    (["--weight-decay", "nan"], "--weight-decay nan is out of range"),
+    (["--lr", "inf"], "--lr inf is out of range"),
+    (["--seed", str(10**20)], f"--seed {10**20} is out of range"),
+    (["--seed", "-1"], "--seed -1 is out of range"),
+    (["--resume", "--overwrite"], "--resume continues the run in --out and --overwrite replaces it: choose one"),
+])
+def test_values_that_used_to_end_in_tracebacks_are_user_errors(tiny_data, tmp_path, args, message):
+    """As UserError, run_cli prints them as one line with exit 2 (the test above)."""
+    with pytest.raises(data.UserError) as error:
+        fit(tiny_data, tmp_path / "run", "--epochs", 1, *args)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_missing_dataset_is_one_line_and_exit_2(tmp_path):
@@ -115,7 +136,8 @@ def test_help_documents_every_option():
 def test_wandb_offline_logs_the_config_without_network(tiny_data, tmp_path):
     out = tmp_path / "run"
     env = cpu_env(WANDB_API_KEY="fake-wandb-key-0123456789", HOME=str(tmp_path))
-    result = run_script("train.py", *tiny_train_args(tiny_data, out, "--epochs", 1, "--wandb", "offline"), env=env)
+    result = run_script("train.py", *tiny_train_args(tiny_data, out, "--epochs", 2, "--stop-after", 1,
+                                                     "--wandb", "offline"), env=env)
     assert result.returncode == 0, result.stderr
     assert "wandb sync" in result.stdout
     assert result.stdout.strip().splitlines()[-1].startswith("summary: ")
@@ -125,6 +147,14 @@ def test_wandb_offline_logs_the_config_without_network(tiny_data, tmp_path):
     assert b'"batch_size":8' in record and b'"arch":"resnet18"' in record
     leaked = [p for p in out.rglob("*") if p.is_file() and b"fake-wandb-key" in p.read_bytes()]
     assert leaked == [] and "fake-wandb-key" not in result.stdout + result.stderr
+
+    # A requeued or resumed job continues the same W&B run: one id for both starts.
+    resumed = run_script("train.py", *tiny_train_args(tiny_data, out, "--epochs", 2, "--max-steps", 1, "--resume",
+                                                      "--wandb", "offline"), env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    starts = sorted((out / "wandb").glob("offline-run-*"))  # offline-run-<date>_<time>-<id>
+    ids = {p.name.split("-", 3)[3] for p in starts}
+    assert len(starts) == 2 and len(ids) == 1 and ids == {train.wandb_run_id(out)}
 
 
 @pytest.mark.parametrize("device,bf16_gpu,amx,amp,expected", [
@@ -150,3 +180,325 @@ def test_the_gradient_scaler_runs_only_with_fp16(tiny_data, tmp_path):
     # Two optimizer steps went through the scaler: either both kept the scale (the tracker counts
     # them), or an overflow halved it and the step was skipped.
     assert (scaler["_growth_tracker"], scaler["scale"]) == (2, 65536.0) or scaler["scale"] < 65536.0, scaler
+
+
+# --- no lost work: schedule, refusals, resumes with other options (issue 11) ------------------
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_resume_with_more_epochs_follows_the_longer_cosine(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    fit(tiny_data, out, "--epochs", 2, "--max-steps", 2)
+    before = load(out / "last.pt")["model"]
+    fit(tiny_data, out, "--epochs", 4, "--max-steps", 2, "--resume")
+    after = load(out / "last.pt")["model"]
+    weights = [k for k in before if "running_" not in k and "num_batches" not in k]  # BatchNorm statistics move anyway
+    assert not all(torch.equal(before[k], after[k]) for k in weights)
+    lrs = [m["lr"] for m in train.read_metrics(out)]
+    assert lrs[:2] == pytest.approx([1e-3, 5e-4])  # the 2-epoch cosine, as trained
+    assert lrs[2:] == pytest.approx([train.cosine_lr(1e-3, e, 4) for e in (2, 3)]) and min(lrs) > 0
+
+
+def test_a_second_run_into_the_same_out_is_refused_unless_overwrite(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    fit(tiny_data, out, "--epochs", 2, "--max-steps", 1)
+    kept = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.jsonl")}
+    with pytest.raises(data.UserError) as refused:
+        fit(tiny_data, out, "--epochs", 1, "--max-steps", 1)
+    assert str(refused.value) == (f"{out} already holds a run (metrics.jsonl, last.pt, best.pt): continue it with "
+                                  "--resume, start a new one with a fresh --out, or replace it with --overwrite")
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+    capsys.readouterr()
+    fit(tiny_data, out, "--epochs", 1, "--max-steps", 1, "--overwrite")
+    assert "notice: --overwrite: replaced the earlier run" in capsys.readouterr().out
+    assert [m["epoch"] for m in train.read_metrics(out)] == [1]
+
+
+def stop_mid_epoch(tiny_data, out, *extra) -> dict:
+    """One epoch stopped at step 10 of 12, as SIGTERM would (the loop checks every 10 steps)."""
+    stop = train.StopRequest()
+    stop.received = "SIGTERM"
+    return train.fit(train.parse_args([str(a) for a in tiny_train_args(tiny_data, out, "--epochs", 1, *extra)]),
+                     stop=stop)
+
+
+def test_resume_refuses_what_it_cannot_honour_in_one_line(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    assert "stopped" in stop_mid_epoch(tiny_data, out)
+    before = (out / "last.pt").read_bytes()
+    with pytest.raises(data.UserError) as refused:
+        fit(tiny_data, out, "--epochs", 1, "--resume", "--optimizer", "sgd", "--seed", 1, "--batch-size", 4)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"cannot resume from {out / 'last.pt'}")
+    for old, new in [("optimizer='adamw'", "optimizer='sgd'"), ("seed=0", "seed=1"), ("batch_size=8", "batch_size=4")]:
+        assert f"it was written with {old}, this run has {new}" in message
+    assert "it stopped in the middle of epoch 1" in message
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_resume_applies_a_new_lr_and_weight_decay_with_a_notice(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    fit(tiny_data, out, "--epochs", 2, "--max-steps", 1, "--stop-after", 1)
+    capsys.readouterr()
+    fit(tiny_data, out, "--epochs", 2, "--max-steps", 1, "--resume", "--lr", 0.01, "--weight-decay", 0.5)
+    printed = capsys.readouterr().out
+    assert "notice: resuming with lr 0.01 instead of 0.001" in printed
+    assert "notice: resuming with weight_decay 0.5 instead of 0.0001" in printed
+    assert train.read_metrics(out)[1]["lr"] == pytest.approx(train.cosine_lr(0.01, 1, 2))
+    assert {g["weight_decay"] for g in load(out / "last.pt")["optimizer"]["param_groups"]} == {0.5}
+
+
+def test_resume_at_an_epoch_end_may_change_the_batch_size(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    fit(tiny_data, out, "--epochs", 2, "--max-steps", 1, "--stop-after", 1)
+    fit(tiny_data, out, "--epochs", 2, "--resume", "--batch-size", 16)
+    assert "notice: resuming with batch_size 16 instead of 8" in capsys.readouterr().out
+    assert [m["train_samples"] for m in train.read_metrics(out)] == [8, 96]
+
+
+def test_resume_across_precisions(tiny_data, tmp_path, capsys):
+    """A checkpoint of an fp32 (or bf16) run has no gradient-scaler state; an fp16 resume starts a fresh scaler."""
+    out = tmp_path / "run"
+    fit(tiny_data, out, "--epochs", 2, "--max-steps", 1, "--stop-after", 1, "--amp", "off")
+    fit(tiny_data, out, "--epochs", 2, "--max-steps", 1, "--resume", "--amp", "fp16")
+    assert "notice: resuming with precision fp16 instead of fp32" in capsys.readouterr().out
+    assert load(out / "last.pt")["scaler"]["scale"] > 0
+    fit(tiny_data, out, "--epochs", 3, "--max-steps", 1, "--resume", "--amp", "off")  # and back
+    assert [m["epoch"] for m in train.read_metrics(out)] == [1, 2, 3]
+
+
+# --- kills between the writes at the end of an epoch -----------------------------------------
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs (a BaseException passes every `except Exception`)."""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    fit(tiny_data, out, "--epochs", 2, "--max-steps", 3, "--lr", 0.003)
+    return out
+
+
+@pytest.mark.parametrize("kill_before", ["best.pt", "metrics line"])
+def test_a_kill_between_the_writes_of_an_epoch_loses_nothing(tiny_data, tmp_path, monkeypatch, uninterrupted,
+                                                              kill_before):
+    """Killed after last.pt of the last epoch; a resume restores its metrics line and best.pt."""
+    expected = train.read_metrics(uninterrupted)
+    assert max(m["val_acc"] for m in expected) == expected[1]["val_acc"]  # epoch 2 is the best: best.pt changes
+    save, append = train.save_checkpoint, train.append_metrics
+
+    def save_or_die(path, state):
+        if path.name == "best.pt" and state["epoch"] == 2 and kill_before == "best.pt":
+            raise Killed
+        save(path, state)
+
+    def append_or_die(out, record):
+        if record["epoch"] == 2 and kill_before == "metrics line":
+            raise Killed
+        append(out, record)
+
+    monkeypatch.setattr(train, "save_checkpoint", save_or_die)
+    monkeypatch.setattr(train, "append_metrics", append_or_die)
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        fit(tiny_data, out, "--epochs", 2, "--max-steps", 3, "--lr", 0.003)
+    assert [m["epoch"] for m in train.read_metrics(out)] == [1]  # the kill cost the line...
+    monkeypatch.undo()
+    fit(tiny_data, out, "--epochs", 2, "--max-steps", 3, "--lr", 0.003, "--resume")  # ...the resume brings it back
+    assert [(m["epoch"], m["val_acc"]) for m in train.read_metrics(out)] == [(m["epoch"], m["val_acc"]) for m in expected]
+    best, straight_best = load(out / "best.pt"), load(uninterrupted / "best.pt")
+    assert best["epoch"] == straight_best["epoch"] == 2
+    assert all(torch.equal(best["model"][k], straight_best["model"][k]) for k in straight_best["model"])
+
+
+# --- the run directory: permissions, temporary files, durable writes -----------------------
+
+def test_run_files_get_the_umask_permissions_not_private_ones(tiny_data, tmp_path):
+    old = os.umask(0o027)
+    try:
+        fit(tiny_data, tmp_path / "run", "--epochs", 1, "--max-steps", 1)
+    finally:
+        os.umask(old)
+    names = ["config.json", "metrics.jsonl", "last.pt", "best.pt"]
+    modes = {name: oct((tmp_path / "run" / name).stat().st_mode & 0o777) for name in names}
+    assert modes == {name: "0o640" for name in names}
+
+
+def test_a_start_removes_only_the_temporary_files_a_kill_left(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    fit(tiny_data, out, "--epochs", 2, "--max-steps", 1, "--stop-after", 1)
+    left = [out / ".last.pt.k1ll3d_x.tmp", out / ".metrics.jsonl.abcdefgh.tmp"]  # as atomic_write names them
+    foreign = [out / ".notes.txt.abcdefgh.tmp", out / ".last.pt.tmp", out / "mine.tmp"]
+    for path in left + foreign:
+        path.write_bytes(b"half")
+    fit(tiny_data, out, "--epochs", 2, "--max-steps", 1, "--resume")
+    assert [p.exists() for p in left] == [False, False] and all(p.exists() for p in foreign)
+
+
+def test_atomic_write_flushes_the_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or replace(a, b))
+    data.atomic_write(tmp_path / "x.json", lambda tmp: tmp.write_text("{}"))
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"]
+    assert events[0][1].endswith(".tmp") and events[2][1] == str(tmp_path)
+
+
+# --- clear errors instead of tracebacks ---------------------------------------------------
+
+def test_a_torn_last_metrics_line_neither_blocks_resume_nor_gather(tiny_data, tmp_path, capsys):
+    import sweep
+    out = tmp_path / "runs" / "run"
+    fit(tiny_data, out, "--epochs", 2, "--max-steps", 1, "--stop-after", 1)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "train_loss": 1.7')  # a quota hit mid-write
+    assert [s["epochs"] for s in sweep.gather([tmp_path / "runs"])] == [1]
+    assert f"notice: {out / 'metrics.jsonl'} line 2 is torn" in capsys.readouterr().out
+    fit(tiny_data, out, "--epochs", 2, "--max-steps", 1, "--resume")
+    assert [m["epoch"] for m in train.read_metrics(out)] == [1, 2]
+
+
+def test_a_diverging_loss_stops_in_one_line_and_keeps_the_checkpoints(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    fit(tiny_data, out, "--epochs", 2, "--max-steps", 3, "--stop-after", 1)
+    kept = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.jsonl")}
+    with pytest.raises(data.UserError) as error:
+        fit(tiny_data, out, "--epochs", 2, "--max-steps", 3, "--resume", "--lr", "1e12")
+    message = str(error.value)
+    assert message.startswith("the training loss became NaN or infinite in epoch 2 at step ") and "\n" not in message
+    assert "--lr 1e+12" in message and "too high" in message
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+    assert not any(token in (out / name).read_text() for name in ("metrics.jsonl", "config.json")
+                   for token in ("NaN", "Infinity"))
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(tiny_data, tmp_path):
+    """RLIMIT_FSIZE makes writes fail as a full disk does: PyTorch says `unexpected pos`, nothing more."""
+    import resource
+    import signal
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal, as a full disk gives ENOSPC
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    out = tmp_path / "run"
+    fit(tiny_data, out, "--epochs", 2, "--max-steps", 1, "--stop-after", 1)
+    before = (out / "last.pt").read_bytes()
+    args = [sys.executable, train.__file__, *map(str, tiny_train_args(tiny_data, out, "--epochs", 2, "--max-steps", 1,
+                                                                      "--resume"))]
+    result = subprocess.run(args, capture_output=True, text=True, env=cpu_env(), preexec_fn=small_disk, timeout=300)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: cannot write {out / 'last.pt'} (the write failed): the disk at ")
+    assert " free and this file needs about 134" in result.stderr and "the previous last.pt is kept" in result.stderr
+    assert (out / "last.pt").read_bytes() == before and train.stale_temp_files(out) == []
+
+
+@pytest.mark.parametrize("content", ["garbage", "state dict", "pickle"])
+def test_a_last_pt_that_is_not_a_checkpoint_is_one_line_naming_it(tiny_data, tmp_path, content):
+    out = tmp_path / "run"
+    out.mkdir()
+    if content == "garbage":
+        (out / "last.pt").write_bytes(b"not a checkpoint at all")
+    elif content == "state dict":
+        torch.save({"weight": torch.zeros(2)}, out / "last.pt")
+    else:
+        torch.save({"options": train.parse_args([])}, out / "last.pt")  # not loadable with weights_only
+    with pytest.raises(data.UserError) as error:
+        fit(tiny_data, out, "--epochs", 1, "--resume")
+    assert str(error.value).count(str(out / "last.pt")) == 1 and "\n" not in str(error.value)
+    assert data.one_line(error.value) == str(error.value)  # what run_cli prints keeps the path
+
+
+def test_more_workers_than_cpus_are_capped_with_a_notice(tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "available_cpus", lambda: 1)
+    fit(tiny_data, tmp_path / "run", "--epochs", 1, "--max-steps", 1, "--workers", 1000)
+    assert "notice: --workers 1000 is more than the 1 CPU(s) available: using 1" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["options"]["workers"] == 1
+
+
+# --- checkpoints hold what training changed (issue 12) ----------------------------------------
+
+@pytest.fixture
+def train_mode_backbone(monkeypatch):
+    """The benchmark's original configuration: the frozen backbone's BatchNorm layers train (statistics move)."""
+    build_model = train.build_model
+
+    def build_original(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        model.backbone_eval_when_frozen = False
+        return model
+
+    monkeypatch.setattr(train, "build_model", build_original)
+
+
+def full_state(run):
+    return train.load_trained_model(run / "last.pt")[0].state_dict()
+
+
+@pytest.mark.parametrize("config", ["frozen", "finetune", "original"])
+def test_resume_is_exact_in_every_configuration(tiny_data, standin_weights, tmp_path, request, config):
+    """--weights none is test_resume_continues_to_the_same_result."""
+    if config == "original":
+        request.getfixturevalue("train_mode_backbone")
+    extra = ["--weights", standin_weights, "--epochs", 2, "--max-steps", 2, *(["--finetune"] if config == "finetune" else [])]
+    fit(tiny_data, tmp_path / "straight", *extra)
+    fit(tiny_data, tmp_path / "resumed", *extra, "--stop-after", 1)
+    fit(tiny_data, tmp_path / "resumed", *extra, "--resume")
+    straight, resumed = full_state(tmp_path / "straight"), full_state(tmp_path / "resumed")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    start = torch.load(standin_weights, weights_only=True)
+    moved = not torch.equal(straight["backbone.bn1.running_mean"], start["bn1.running_mean"])
+    assert moved == (config != "frozen")  # BatchNorm statistics move unless the backbone is frozen in eval mode
+
+
+def test_a_frozen_backbone_checkpoint_leaves_the_backbone_out(tiny_data, standin_weights, tmp_path):
+    out = tmp_path / "run"
+    fit(tiny_data, out, "--weights", standin_weights, "--epochs", 1, "--max-steps", 1)
+    checkpoint = load(out / "last.pt")
+    assert "backbone.conv1.weight" not in checkpoint["model"] and "head.weight" in checkpoint["model"]
+    assert (out / "last.pt").stat().st_size < 1e6 and (out / "best.pt").stat().st_size < 1e6  # whole model: 45 MB
+    model, best = train.load_trained_model(out / "best.pt")
+    start = torch.load(standin_weights, weights_only=True)
+    assert torch.equal(model.backbone.conv1.weight, start["conv1.weight"])
+    assert torch.equal(model.head.weight, best["model"]["head.weight"]) and not model.training
+
+
+def test_resume_refuses_other_starting_weights(tiny_data, standin_weights, tmp_path):
+    out = tmp_path / "run"
+    fit(tiny_data, out, "--weights", standin_weights, "--epochs", 2, "--max-steps", 1, "--stop-after", 1)
+    other = tmp_path / "other.pth"
+    state = torch.load(standin_weights, weights_only=True)
+    state["conv1.weight"] += 1
+    torch.save(state, other)
+    with pytest.raises(data.UserError, match=r"it was written with frozen_weights_hash='\w+', this run has "
+                                             r"frozen_weights_hash='\w+'; use the original settings"):
+        fit(tiny_data, out, "--weights", other, "--epochs", 2, "--max-steps", 1, "--resume")
+    with pytest.raises(data.UserError, match="was trained from other starting weights"):
+        train.load_trained_model(out / "best.pt", weights=str(other))
+
+
+def test_a_training_notebook_runs_a_second_time_into_the_same_folder(tiny_data, tmp_path, monkeypatch):
+    """"Run all" again: the lesson replaces its earlier run visibly (--overwrite) instead of failing."""
+    import papermill
+    import notebook_tools
+    from test_notebooks import NOTEBOOKS, small_parameters
+    env = cpu_env()  # the kernel inherits this environment: CPU only, no Slurm or W&B variables
+    for key in set(os.environ) - set(env):
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    parameters = small_parameters("train_dp", tiny_data, tmp_path)
+    executed = []
+    for n in (1, 2):
+        target = tmp_path / f"train_dp-{n}.ipynb"
+        papermill.execute_notebook(str(NOTEBOOKS / "train_dp.ipynb"), str(target), parameters=parameters,
+                                   cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False, execution_timeout=600)
+        executed.append(notebook_tools.nbformat.read(target, as_version=4))
+    printed = ["".join(notebook_tools.output_text(cell) for cell in nb.cells) for nb in executed]
+    assert "replaced the earlier run" not in printed[0]
+    assert f"notice: --overwrite: replaced the earlier run in {parameters['out_dir']}" in printed[1]
+    assert [m["epoch"] for m in train.read_metrics(parameters["out_dir"])] == [1]

@@ -15,9 +15,19 @@
 # %% [markdown]
 # # 1. The data: from JPEG files to batches of tensors
 #
-# A GPU can only train as fast as it is fed. Before any model, we need to know what the
-# dataset looks like on disk, how an image becomes a tensor the network understands, and
-# how the `DataLoader` keeps the GPU busy.
+# A GPU can only train as fast as it is fed. Before any model, we look at the dataset on
+# disk, turn an image into the tensor a pretrained network expects, and measure how fast
+# the `DataLoader` delivers batches.
+#
+# **You will learn to:**
+# - read the dataset's layout and count its images per split and class
+# - browse the images of one species
+# - label images by class name, not by folder order
+# - turn a JPEG into a tensor normalised as the ImageNet weights expect
+# - set the `DataLoader`'s knobs, and choose `num_workers` from a measurement
+#
+# **Time:** about 20 minutes. The core path is everything up to the exercises; the section
+# on staging is optional, and the appendix holds the support code behind the commands.
 #
 # **The dataset.** Kaggle's *BIRDS 525 SPECIES* has one folder per split and one folder
 # per class, each holding 224×224 JPEGs, plus a `birds.csv` index:
@@ -30,18 +40,10 @@
 #   test/ ...
 # ```
 #
-# The real dataset needs a Kaggle account and 2 GB of download, so this course ships a
+# The real dataset needs a Kaggle account and 2 GB of download, so the course ships a
 # **synthetic stand-in with exactly the same layout**: coloured bird shapes on textured
-# backgrounds, one colour scheme per species. Everything below works on both.
-#
-# This notebook is also the command-line tool `scripts/data.py` (its jupytext export):
-#
-# ```bash
-# python scripts/data.py synthetic data/birds-synthetic   # make the stand-in
-# python scripts/data.py download data/birds              # the real data (Kaggle credentials)
-# python scripts/data.py verify data/birds                # count and check every image
-# python scripts/data.py stage data/birds                 # copy to node-local disk in a job
-# ```
+# backgrounds, one colour scheme per species. Everything below works on both. This
+# notebook is also the command-line tool `scripts/data.py` (its commands: see the appendix).
 
 # %% tags=["parameters", "active-ipynb"]
 # # Papermill and the tests shrink these.
@@ -58,7 +60,14 @@
 # import sys
 # sys.path.insert(0, "../scripts")
 
-# %%
+# %% [markdown]
+# Support code, collapsed (click the cell to open it): the imports, and the errors every
+# script of the course reports in one line. A mistyped path raises `UserError` (or
+# `DataError`), and `run_cli` prints its one-line message and exits with status 2 instead of
+# a 40-line traceback; `atomic_write` writes a file so that a killed job never leaves half of it.
+
+# %% jupyter={"source_hidden": true}
+# The imports; UserError, DataError and run_cli (one-line errors); atomic_write.
 from __future__ import annotations
 
 import argparse
@@ -94,16 +103,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSamp
                               SequentialSampler, default_collate)
 from torchvision.transforms import v2 as T
 
-# %% [markdown]
-# ## Errors a user can fix
-#
-# A learner who mistypes a path should see one line that says what is wrong and how to
-# fix it, not a 40-line traceback. Every script in this course raises `UserError` for
-# such mistakes and runs its `main` through `run_cli`, which prints the message and exits
-# with status 2. Real bugs still show their traceback.
 
-
-# %%
 class UserError(Exception):
     """A mistake the user can fix: bad path, bad option, missing download."""
 
@@ -176,27 +176,29 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 # %% [markdown]
-# ## Finding the images, and naming the classes
+# ## The dataset on disk
 #
-# Two traps in the real dataset:
-#
-# 1. **Labels must come from class names, not folder order.** If each split numbered its
-#    own folders, one missing class in `valid/` would shift every label after it and the
-#    validation accuracy would be nonsense. We number the classes of `train/` and look
-#    every other split up *by name*. In the real dataset a few folder names differ between
-#    splits only in white space (`"PARAKETT  AUKLET"` vs `"PARAKETT AUKLET"`), so names are
-#    compared after collapsing white space.
-# 2. **Not every folder is a class.** JupyterLab creates `.ipynb_checkpoints` when you
-#    browse the data; a stray `README.txt` is not an image. Both are ignored.
+# The cell makes the synthetic stand-in when `data_dir` does not exist yet (for the real
+# data, download it on a login node and set `data_dir` in the first cell), then counts the
+# images with the command you would also run on the cluster before spending GPU hours:
 
-# %%
+# %% tags=["active-ipynb"]
+# if not Path(data_dir).exists():
+#     !{sys.executable} ../scripts/data.py synthetic "{data_dir}" --classes {num_classes} --train {images_per_class} --image-size {image_size}
+# !{sys.executable} ../scripts/data.py verify "{data_dir}" --quick
+
+# %% [markdown]
+# Look at: three splits, the same number of classes in each, and the fewest and most
+# images per class. `verify` without `--quick` also opens every image (appendix).
+#
+# The same count in Python, per class. `class_folders` and `image_files` (collapsed) list a
+# split's class folders and a class's images. Not every folder is a class (JupyterLab
+# creates `.ipynb_checkpoints` when you browse the data) and not every file is an image (a
+# stray `README.txt`), so they leave out hidden entries and other suffixes.
+
+# %% jupyter={"source_hidden": true}
 SPLITS = ("train", "valid", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-
-
-def class_key(folder_name: str) -> str:
-    """The name that identifies a class: white space collapsed."""
-    return " ".join(folder_name.split())
 
 
 def class_folders(split_dir: Path) -> list[Path]:
@@ -212,17 +214,48 @@ def image_files(class_dir: Path) -> list[Path]:
     )
 
 
-def check_dataset_root(root: Path) -> Path:
-    """Fail early, with the fix, when the dataset directory is not usable."""
-    root = Path(root).expanduser()
-    hint = "make one with `python scripts/data.py synthetic DIR` or download it with `python scripts/data.py download DIR`"
-    if not root.is_dir():
-        raise DataError(f"dataset directory {root} does not exist: {hint}")
-    if not (root / "train").is_dir():
-        raise DataError(f"dataset directory {root} has no train/ folder: {hint}")
-    if not class_folders(root / "train"):
-        raise DataError(f"{root / 'train'} has no class folders: {hint}")
-    return root
+# %% tags=["active-ipynb"]
+# for split in SPLITS:
+#     per_class = {folder.name: len(image_files(folder)) for folder in class_folders(Path(data_dir) / split)}
+#     print(f"{split:5s}: {sum(per_class.values()):5d} images in {len(per_class)} classes:", dict(list(per_class.items())[:3]), "...")
+
+# %% [markdown]
+# ### A browser for the images
+#
+# Choose a species: the grid shows its first training images. Look for what tells the
+# species apart (colours of body, head and wing) and what does not (background, pose).
+
+# %% tags=["active-ipynb"]
+# import ipywidgets as widgets
+# from IPython.display import display
+#
+# folders = {folder.name: folder for folder in class_folders(Path(data_dir) / "train")}
+# chooser = widgets.Dropdown(options=list(folders), description="species")
+# grid = widgets.GridBox(layout=widgets.Layout(grid_template_columns="repeat(4, 120px)"))
+#
+#
+# def show_class(name):
+#     grid.children = [widgets.Image(value=path.read_bytes(), format="jpeg", width=112, height=112)
+#                      for path in image_files(folders[name])[:8]]
+#
+#
+# chooser.observe(lambda change: show_class(change["new"]), names="value")
+# show_class(chooser.value)
+# display(widgets.VBox([chooser, grid]))
+
+# %% [markdown]
+# ## Labels come from class names, not folder order
+#
+# If each split numbered its own folders, one class missing from `valid/` would shift
+# every label after it, and the validation accuracy would be nonsense. We number the
+# classes of `train/` and look every other split up *by name*. In the real dataset a few
+# folder names differ between splits only in white space (`"PARAKETT  AUKLET"` vs
+# `"PARAKETT AUKLET"`), so names are compared after collapsing white space.
+
+# %%
+def class_key(folder_name: str) -> str:
+    """The name that identifies a class: white space collapsed."""
+    return " ".join(folder_name.split())
 
 
 def find_classes(root: Path) -> list[str]:
@@ -246,33 +279,30 @@ def list_samples(root: Path, split: str, classes: list[str]) -> list[tuple[Path,
 
 
 # %% [markdown]
+# The trap, shown: a `valid/` split that lacks the first class and spells every name with
+# two spaces.
+
+# %% tags=["active-ipynb"]
+# classes = find_classes(data_dir)
+# valid_folders = sorted(name.replace(" ", "  ") for name in classes[1:])
+# for folder in valid_folders[:3]:
+#     print(f"{folder!r:22} by folder order: {valid_folders.index(folder)}   by name: {classes.index(class_key(folder))}")
+
+# %% [markdown]
+# Look at: numbered by folder order, every label is one too small, so a model that is
+# always right would score 0 %; looked up by name, each folder gets its class's label.
+#
 # ## From a JPEG to a tensor
 #
 # A pretrained ResNet was trained on ImageNet images that were scaled to [0, 1] and then
 # **normalised with ImageNet's channel means and standard deviations**. The original
 # workshop used `ToTensor()` alone, so the pretrained network saw inputs from a
-# distribution it had never seen. We keep the normalisation.
-#
-# Images are opened with Pillow and converted to RGB, because the real dataset contains a
-# few greyscale and CMYK JPEGs, and resized when they are not of the expected size, so
-# that every batch stacks.
-#
-# A file that claims a huge size is refused before it is decoded (a *decompression bomb*:
-# a few kilobytes of PNG can claim 20000 x 20000 pixels, 1.2 GB once decoded, in every
-# loader worker). The limit, `MAX_IMAGE_PIXELS`, is 64 Mi pixels (8192 x 8192): photos
-# from full-frame cameras fit (the largest have about 61 megapixels), and one image at
-# the limit decodes to 192 MiB of RGB, so 16 workers decoding one each stay within about
-# 3 GB. Pillow's default limit (`Image.MAX_IMAGE_PIXELS`, 89 million) only warns, and
-# raises `DecompressionBombError` above twice that; here the limit itself is an error, and
-# such a file counts as a broken image (`verify` lists it, `--skip-bad-images` skips it).
+# distribution it had never seen. We keep the normalisation; `augment` (random crops and
+# flips, for training) is used later in the course.
 
 # %%
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MAX_IMAGE_PIXELS = 64 * 2**20
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # Pillow raises DecompressionBombError above twice this, warns above it
-# What reading a broken image raises: DecompressionBombError is neither an OSError nor a ValueError.
-BAD_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 def build_transform(image_size: int = 224, augment: bool = False, normalize: bool = True) -> T.Compose:
@@ -284,6 +314,25 @@ def build_transform(image_size: int = 224, augment: bool = False, normalize: boo
     if normalize:
         steps.append(T.Normalize(IMAGENET_MEAN, IMAGENET_STD))
     return T.Compose(steps)
+
+
+# %% [markdown]
+# Support, collapsed: `load_rgb` opens an image with Pillow as RGB (the real dataset has a
+# few greyscale and CMYK JPEGs) at the expected size (so that every batch stacks), and
+# turns a broken or absurdly large file into a one-line error that names it.
+
+# %% jupyter={"source_hidden": true}
+# A file that claims a huge size is refused before it is decoded (a *decompression bomb*: a few
+# kilobytes of PNG can claim 20000 x 20000 pixels, 1.2 GB once decoded, in every loader worker).
+# The limit is 64 Mi pixels (8192 x 8192): photos from full-frame cameras fit (the largest have
+# about 61 megapixels), and one image at the limit decodes to 192 MiB of RGB, so 16 workers
+# decoding one each stay within about 3 GB. Pillow's default limit (89 million) only warns, and
+# raises DecompressionBombError above twice that; here the limit itself is an error, and such a
+# file counts as a broken image (`verify` lists it, `--skip-bad-images` skips it).
+MAX_IMAGE_PIXELS = 64 * 2**20
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # Pillow raises DecompressionBombError above twice this, warns above it
+# What reading a broken image raises: DecompressionBombError is neither an OSError nor a ValueError.
+BAD_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 def open_image(path: Path) -> Image.Image:
@@ -308,6 +357,89 @@ def load_rgb(path: Path, image_size: int) -> Image.Image:
         ) from None
 
 
+# %% tags=["active-ipynb"]
+# image = load_rgb(list_samples(data_dir, "train", classes)[0][0], image_size)  # the first training image
+# for normalize in (False, True):
+#     tensor = build_transform(image_size, normalize=normalize)(image)
+#     print(f"normalize={normalize!s:5}: {tuple(tensor.shape)} {tensor.dtype}, per-channel mean",
+#           tensor.mean(dim=(1, 2)).numpy().round(2), "std", tensor.std(dim=(1, 2)).numpy().round(2))
+
+# %% [markdown]
+# Look at: the shape is (channels, height, width). Without normalisation every value lies
+# in [0, 1]; with it, each value `x` of channel `c` becomes
+# `(x - IMAGENET_MEAN[c]) / IMAGENET_STD[c]`: check one channel's mean and std by hand.
+# Over ImageNet's photos this gives every channel mean 0 and standard deviation 1; one
+# image, and a synthetic one at that, can lie well away from it.
+#
+# ## The Dataset: an index, and item *i* on demand
+#
+# A `Dataset` needs `__len__` and `__getitem__`. Ours lists the `(path, label)` pairs once
+# and opens an image only when an item is asked for, so that the images are decoded where
+# the `DataLoader` asks for them: in its worker processes, in parallel.
+#
+# Support, collapsed: `check_dataset_root` and `split_samples` stop early, with the fix,
+# when the directory or a split is missing or empty; the rest serves options taught later
+# (`--augment`'s random draws after a resume, and `--skip-bad-images`, which counts
+# unreadable images and leaves them out of their batch).
+
+# %% jupyter={"source_hidden": true}
+def check_dataset_root(root: Path) -> Path:
+    """Fail early, with the fix, when the dataset directory is not usable."""
+    root = Path(root).expanduser()
+    hint = "make one with `python scripts/data.py synthetic DIR` or download it with `python scripts/data.py download DIR`"
+    if not root.is_dir():
+        raise DataError(f"dataset directory {root} does not exist: {hint}")
+    if not (root / "train").is_dir():
+        raise DataError(f"dataset directory {root} has no train/ folder: {hint}")
+    if not class_folders(root / "train"):
+        raise DataError(f"{root / 'train'} has no class folders: {hint}")
+    return root
+
+
+def split_samples(root: Path, split: str, classes: list[str]) -> list[tuple[Path, int]]:
+    """list_samples of a split that exists and holds images; otherwise a one-line error."""
+    if not (root / split).is_dir():
+        raise DataError(f"dataset directory {root} has no {split}/ folder")
+    samples = list_samples(root, split, classes)
+    if not samples:
+        raise DataError(f"{root / split} holds no images (.jpg, .jpeg or .png)")
+    return samples
+
+
+def transform_with_seed(transform: Callable, image: Image.Image, draw_seed: int | None) -> torch.Tensor:
+    """The transform; its random draws (--augment) from draw_seed when one is given."""
+    if draw_seed is None:
+        return transform(image)
+    with torch.random.fork_rng(devices=[]):  # leaves this process's random stream as it was
+        torch.manual_seed(draw_seed)
+        return transform(image)
+
+
+def skipping_options(decode_on_device: DecodeOnDevice | None, skip_bad: bool):
+    """(counter of skipped images, collate function) of a split.
+
+    --skip-bad-images: unreadable files are left out of their batch and counted, in a
+    counter shared with the DataLoader's worker processes. --gpu-decode collates bytes.
+    """
+    skipped = multiprocessing.Value("i", 0) if skip_bad else None
+    collate_fn = decode_on_device
+    if skip_bad and decode_on_device is None:
+        collate_fn = collate_readable
+    return skipped, collate_fn
+
+
+def count_skipped(skipped) -> None:
+    """Count one unreadable image (--skip-bad-images); its item is None."""
+    with skipped.get_lock():
+        skipped.value += 1
+
+
+def collate_readable(batch: list):
+    """default_collate, leaving out the items of unreadable images (None)."""
+    return default_collate([item for item in batch if item is not None])
+
+
+# %%
 class BirdImages(Dataset):
     """One split of the dataset: returns (image tensor, label)."""
 
@@ -315,21 +447,12 @@ class BirdImages(Dataset):
                  image_size: int = 224, transform: Callable | None = None,
                  decode_on_device: DecodeOnDevice | None = None, skip_bad: bool = False):
         self.root = check_dataset_root(root)
-        if not (self.root / split).is_dir():
-            raise DataError(f"dataset directory {self.root} has no {split}/ folder")
         self.classes = classes if classes is not None else find_classes(self.root)
-        self.samples = list_samples(self.root, split, self.classes)
-        if not self.samples:
-            raise DataError(f"{self.root / split} holds no images (.jpg, .jpeg or .png)")
+        self.samples = split_samples(self.root, split, self.classes)  # [(path, label), ...]
         self.image_size = image_size
         self.transform = transform or build_transform(image_size)
-        self.decode_on_device = decode_on_device  # --gpu-decode: items are the files' bytes
-        self.collate_fn = decode_on_device
-        # --skip-bad-images: unreadable files are left out of their batch and counted, in a
-        # counter shared with the DataLoader's worker processes.
-        self.skipped = multiprocessing.Value("i", 0) if skip_bad else None
-        if skip_bad and decode_on_device is None:
-            self.collate_fn = collate_readable
+        self.decode_on_device = decode_on_device  # --gpu-decode (appendix): items are the files' bytes
+        self.skipped, self.collate_fn = skipping_options(decode_on_device, skip_bad)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -340,29 +463,18 @@ class BirdImages(Dataset):
         if self.decode_on_device is not None:
             return path.read_bytes(), label  # bytes, not a tensor: cheap to pass between processes
         try:
-            return self.transform_with_seed(load_rgb(path, self.image_size), draw_seed), label
+            return transform_with_seed(self.transform, load_rgb(path, self.image_size), draw_seed), label
         except DataError:
             if self.skipped is None:
                 raise
-            with self.skipped.get_lock():
-                self.skipped.value += 1
-            return None
+            return count_skipped(self.skipped)
 
 
-    def transform_with_seed(self, image: Image.Image, draw_seed: int | None) -> torch.Tensor:
-        """The transform; its random draws (--augment) from draw_seed when one is given."""
-        if draw_seed is None:
-            return self.transform(image)
-        with torch.random.fork_rng(devices=[]):  # leaves this process's random stream as it was
-            torch.manual_seed(draw_seed)
-            return self.transform(image)
+# %% [markdown]
+# `load_splits` (collapsed) makes the named splits at once, all labelled by the classes of
+# `train/`, with augmentation for the training split only when asked for.
 
-
-def collate_readable(batch: list):
-    """default_collate, leaving out the items of unreadable images (None)."""
-    return default_collate([item for item in batch if item is not None])
-
-
+# %% jupyter={"source_hidden": true}
 def load_splits(root: Path, image_size: int = 224, augment: bool = False,
                 normalize: bool = True, splits=("train", "valid"),
                 gpu_decode: bool = False, skip_bad: bool = False) -> dict[str, BirdImages]:
@@ -376,61 +488,16 @@ def load_splits(root: Path, image_size: int = 224, augment: bool = False,
     }
 
 
-# %% [markdown]
-# ### Decoding on the GPU (`--gpu-decode`)
-#
-# With many GPUs per node, the CPUs may not decode JPEGs fast enough. With
-# `--gpu-decode` the loader's workers only read each file's bytes; the training process
-# decodes a whole batch at once on the GPU (`torchvision.io.decode_jpeg(...,
-# device="cuda")`, nvJPEG), then resizes and normalises it there. It cannot be combined
-# with `--augment` (the random crops run on the CPU). A PNG or CMYK file, which nvJPEG
-# cannot read, is decoded on the CPU instead. (torchvision 0.29 marks its decoders as
-# deprecated in favour of TorchCodec; they work in the version the course pins, and
-# `JpegBatch.to` is the one place to change when they are removed.)
-
-# %%
-class JpegBatch:
-    """The encoded images of one batch; `.to(device)` decodes them there into a float batch."""
-
-    def __init__(self, data: list[bytes], image_size: int, normalize: bool):
-        self.data, self.image_size, self.normalize = data, image_size, normalize
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def pin_memory(self, *_) -> "JpegBatch":  # the DataLoader pins batches; bytes need not be
-        return self
-
-    def to(self, device, non_blocking: bool = False) -> torch.Tensor:
-        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-        device = torch.device(device)
-        encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in self.data]
-        try:
-            images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:  # a PNG or a CMYK JPEG in the batch
-            images = [decode_image(d, mode=ImageReadMode.RGB).to(device) for d in encoded]
-        size = [self.image_size, self.image_size]
-        batch = torch.stack([i if list(i.shape[-2:]) == size else T.functional.resize(i, size, antialias=True)
-                             for i in images])
-        batch = T.functional.to_dtype(batch, torch.float32, scale=True)
-        return T.functional.normalize(batch, IMAGENET_MEAN, IMAGENET_STD) if self.normalize else batch
-
-
-class DecodeOnDevice:
-    """The collate function of --gpu-decode: a JpegBatch and a tensor of labels."""
-
-    def __init__(self, image_size: int, normalize: bool):
-        self.image_size, self.normalize = image_size, normalize
-
-    def __call__(self, items: list[tuple[bytes, int]]):
-        return JpegBatch([d for d, _ in items], self.image_size, self.normalize), torch.tensor([label for _, label in items])
-
+# %% tags=["active-ipynb"]
+# splits = load_splits(data_dir, image_size=image_size)
+# image, label = splits["train"][0]
+# print(f"{len(splits['train'])} training images; item 0:", tuple(image.shape), "label", label, "=", splits["train"].classes[label])
 
 # %% [markdown]
 # ## The DataLoader and its knobs
 #
 # The `DataLoader` decodes JPEGs in `num_workers` background processes while the GPU
-# computes. Its knobs:
+# computes, and stacks the items into batches. Its knobs:
 #
 # | knob | what it does | our choice |
 # |---|---|---|
@@ -438,21 +505,25 @@ class DecodeOnDevice:
 # | `pin_memory` | page-locked host memory: faster, asynchronous copies to the GPU | on with CUDA |
 # | `persistent_workers` | keep workers alive between epochs instead of restarting them | on when there are workers |
 # | `prefetch_factor` | batches each worker prepares ahead | 4 |
-# | `drop_last` | leave out the epoch's last, smaller batch | no; but a training loader leaves out a last step of one image (below) |
+# | `drop_last` | leave out the epoch's last, smaller batch | no; but a training loader leaves out a last step of one image |
 #
-# **A last batch of one image.** When the training images do not fill the last batch
-# and one image is left over, that step would train on one image. BatchNorm in training
-# mode cannot normalise it once a ResNet's feature maps are 1 x 1 (images of 32 pixels or
-# fewer: `models.resnet18().train()(torch.randn(1, 3, 32, 32))` fails with "Expected more
-# than 1 value per channel when training"), and one image is a poor step anyway. A training loader (shuffled, or ordered by a `DistributedSampler`)
-# leaves that step out; validation never leaves out an image. The step is counted over
-# all processes: with DDP, each process holds its share of the global batch, and a
-# `DistributedSampler` pads the epoch's end with repeats, so on several processes the
-# same image is left out, by every process at the same step, as on one process with the
-# global batch. DDP still equals one big batch, and `train_samples` counts the images
-# that trained.
+# Support, collapsed: the `num_workers` rule of the table (`default_num_workers`), and
+# `TrainingBatches`, which leaves out a training step of a single image (BatchNorm cannot
+# normalise one image once a ResNet's feature maps are 1 x 1; validation never leaves out
+# an image).
 
-# %%
+# %% jupyter={"source_hidden": true}
+# A last batch of one image: when the training images do not fill the last batch and one image
+# is left over, that step would train on one image. BatchNorm in training mode cannot normalise it
+# once a ResNet's feature maps are 1 x 1 (images of 32 pixels or fewer:
+# `models.resnet18().train()(torch.randn(1, 3, 32, 32))` fails with "Expected more than 1 value
+# per channel when training"), and one image is a poor step anyway. A training loader (shuffled,
+# or ordered by a DistributedSampler) leaves that step out; validation never leaves out an image.
+# The step is counted over all processes: with DDP, each process holds its share of the global
+# batch, and a DistributedSampler pads the epoch's end with repeats, so on several processes the
+# same image is left out, by every process at the same step, as on one process with the global
+# batch. DDP still equals one big batch, and `train_samples` counts the images that trained.
+# A DistributedSampler repeats images to pad the epoch, so the course never validates with one.
 def available_cpus() -> int:
     """CPUs this task may use: Slurm's allocation when inside a job."""
     if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
@@ -488,14 +559,11 @@ class TrainingBatches(BatchSampler):
         return super().__len__() - int(self.lone_last and len(self.sampler) % self.batch_size == 1)
 
 
+# %%
 def make_loader(dataset: Dataset, batch_size: int, workers: int, *, shuffle: bool = False,
                 sampler=None, drop_last: bool = False, pin_memory: bool | None = None,
                 prefetch_factor: int = 4, persistent_workers: bool = True, collate_fn=None) -> DataLoader:
-    """A DataLoader with the knobs above set sensibly for CPU and GPU.
-
-    A shuffled order or a DistributedSampler's (which repeats images to pad the epoch, so
-    the course never validates with one) is a training order: see TrainingBatches.
-    """
+    """A DataLoader with the knobs above; a shuffled or distributed order is a training order (TrainingBatches)."""
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     order = sampler if sampler is not None else RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
@@ -508,8 +576,124 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, *, shuffle: boo
                       collate_fn=collate_fn or getattr(dataset, "collate_fn", None), **extra)
 
 
+# %% tags=["active-ipynb"]
+# loader = make_loader(splits["train"], batch_size, workers=0, shuffle=True)
+# images, labels = next(iter(loader))
+# print("one batch: images", tuple(images.shape), images.dtype, "| labels", tuple(labels.shape), labels[:8].tolist())
+
 # %% [markdown]
-# ## The synthetic stand-in
+# Look at: a batch is one tensor of shape (batch, channels, height, width) and one tensor of
+# labels; shuffled, the labels of a batch are mixed.
+#
+# ### How many workers? Measured
+#
+# We time the loader alone for several `num_workers`. With 0 the training process
+# decodes every JPEG itself; each worker adds a decoder until the CPUs run out.
+
+# %% tags=["active-ipynb"]
+# import matplotlib.pyplot as plt
+#
+#
+# def loader_images_per_second(workers, batches):
+#     loader = make_loader(splits["train"], batch_size, workers, shuffle=True, persistent_workers=False)
+#     it = iter(loader)
+#     next(it)  # start-up (worker processes) is not what we measure
+#     started, seen = time.perf_counter(), 0
+#     for _, (images, _) in zip(range(batches), it):
+#         seen += len(images)
+#     return seen / (time.perf_counter() - started)
+#
+#
+# worker_counts = sorted({0, 1, 2, min(max_workers, available_cpus())})
+# rates = [loader_images_per_second(w, batches_to_time) for w in worker_counts]
+# plt.bar([str(w) for w in worker_counts], rates)
+# plt.xlabel("num_workers"); plt.ylabel("images/s"); plt.title(f"input pipeline, {available_cpus()} CPUs")
+# plt.show()
+
+# %% [markdown]
+# Look at: whether images/s grows with the workers, and where it stops. It need not grow:
+# each batch a worker makes is handed to the training process, and with small images (the
+# tests use 32 pixels) on a few shared CPUs that hand-over costs more than the decoding it
+# spreads out. Measure on the cluster's nodes, at the real image size.
+#
+# ## Staging the data to node-local disk (optional)
+#
+# A parallel filesystem (Lustre, GPFS) is fast for big files and slow for many small
+# ones: every JPEG costs a metadata lookup on a server shared by the whole cluster, and
+# the real dataset has about 90 000 of them (`verify --quick` counts them). So every job
+# of this course first copies the dataset once to the node's local disk (`$TMPDIR`, or
+# `/tmp`) and trains from there:
+#
+# ```bash
+# DATA=$(python scripts/data.py stage data/birds)   # copies (or extracts an archive), prints the new path
+# python scripts/train.py --data "$DATA" ...
+# ```
+#
+# A second task on the same node reuses the copy, and a stale copy is staged again.
+# Because the staging directory is shared with other jobs, `stage` never deletes what it
+# did not make; its rules and code are in the appendix.
+#
+# ## Exercises
+#
+# **1.** With `batch_size` images per batch and `drop_last=False`, how many batches does one
+# epoch over the training split take? Compute it from the dataset size, without the loader.
+
+# %% tags=["active-ipynb"]
+# batches_per_epoch = None  # your answer: an expression using len(splits["train"]) and batch_size
+
+# %% tags=["active-ipynb"]
+# expected = len(make_loader(splits["train"], batch_size, 0))
+# if batches_per_epoch == expected:
+#     print(f"Correct: {expected} batches.")
+# else:
+#     print("Not yet. Hint: the last batch may be smaller than the others; think of rounding up.")
+
+# %% [markdown]
+# <details><summary>Solution</summary>
+#
+# ```python
+# batches_per_epoch = -(-len(splits["train"]) // batch_size)  # ceil division
+# ```
+# </details>
+#
+# **2.** After normalisation, what value does the red channel of a pure white pixel have?
+# Write it as an expression using `IMAGENET_MEAN` and `IMAGENET_STD`.
+
+# %% tags=["active-ipynb"]
+# white_red = None  # your answer: an expression using IMAGENET_MEAN[0] and IMAGENET_STD[0]
+
+# %% tags=["active-ipynb"]
+# white = build_transform(image_size)(Image.new("RGB", (image_size, image_size), (255, 255, 255)))
+# if isinstance(white_red, (int, float)) and abs(white_red - white[0, 0, 0].item()) < 1e-4:
+#     print(f"Correct: {white_red:.3f}, far above anything a [0, 1] input would give.")
+# else:
+#     print("Not yet. Hint: the pixel is 1.0 after scaling; Normalize computes (x - mean) / std per channel.")
+
+# %% [markdown]
+# <details><summary>Solution</summary>
+#
+# ```python
+# white_red = (1.0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
+# ```
+# </details>
+#
+# **Discuss:** Look at the plot: which `num_workers` would you ask Slurm for with
+# `--cpus-per-task`, and why does adding more stop helping?
+#
+# <details><summary>Model answer</summary>
+#
+# Ask for about as many CPUs as the workers that still raise images/s in the plot,
+# measured on the cluster's nodes at the real image size, not on a laptop. Each worker is a
+# process that decodes JPEGs on one CPU, so the rate grows with the workers until the CPUs
+# are all busy; more workers than CPUs only take turns on the same CPUs (and the training
+# process needs one too). Before that, the disk, or a GPU that cannot take batches any
+# faster, can be the limit; and with tiny images, handing batches between processes costs
+# more than decoding them. In a job, `default_num_workers()` uses every CPU of
+# `--cpus-per-task`.
+# </details>
+
+# %% [markdown]
+# ## Appendix: the synthetic stand-in
 #
 # Each species gets a body colour, a head colour and a wing pattern; each image puts one
 # bird, at a random place, size and orientation, on a random textured background
@@ -621,7 +805,7 @@ def write_csv(path: Path, rows: list[list]) -> None:
 
 
 # %% [markdown]
-# ## Checking a dataset before spending GPU hours on it
+# ## Appendix: checking a dataset before spending GPU hours on it (`verify`)
 #
 # `verify` counts the images of every split and class, checks that every class of
 # `valid/` and `test/` exists in `train/`, and opens every image. It exits non-zero when
@@ -657,7 +841,7 @@ def verify_dataset(root: Path, open_images: bool = True) -> tuple[dict, list[str
 
 
 # %% [markdown]
-# ## Getting the real data, safely
+# ## Appendix: getting the real data, safely (`download`)
 #
 # `download` uses Kaggle's public API with your credentials (`~/.kaggle/kaggle.json`, or
 # `KAGGLE_USERNAME` and `KAGGLE_KEY`). Run it on a **login node**: compute nodes usually
@@ -834,7 +1018,7 @@ def download_dataset(target: Path, url: str = KAGGLE_DATASET_URL, timeout: float
 
 
 # %% [markdown]
-# ## Staging to node-local disk
+# ## Appendix: staging to node-local disk (`stage`)
 #
 # A parallel filesystem (Lustre, GPFS) is fast for big files and slow for many small
 # ones: every JPEG costs a metadata lookup on a server shared by the whole cluster. A job
@@ -1029,7 +1213,64 @@ def staging_error(error: OSError, destination: Path, needed: int | None) -> Data
 
 
 # %% [markdown]
-# ## The command-line tool
+# ## Appendix: decoding JPEGs on the GPU (--gpu-decode; taught in the performance lessons)
+#
+# With many GPUs per node, the CPUs may not decode JPEGs fast enough. With
+# `--gpu-decode` the loader's workers only read each file's bytes; the training process
+# decodes a whole batch at once on the GPU (`torchvision.io.decode_jpeg(...,
+# device="cuda")`, nvJPEG), then resizes and normalises it there. It cannot be combined
+# with `--augment` (the random crops run on the CPU). A PNG or CMYK file, which nvJPEG
+# cannot read, is decoded on the CPU instead. (torchvision 0.29 marks its decoders as
+# deprecated in favour of TorchCodec; they work in the version the course pins, and
+# `JpegBatch.to` is the one place to change when they are removed.)
+
+# %%
+class JpegBatch:
+    """The encoded images of one batch; `.to(device)` decodes them there into a float batch."""
+
+    def __init__(self, data: list[bytes], image_size: int, normalize: bool):
+        self.data, self.image_size, self.normalize = data, image_size, normalize
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def pin_memory(self, *_) -> "JpegBatch":  # the DataLoader pins batches; bytes need not be
+        return self
+
+    def to(self, device, non_blocking: bool = False) -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+        device = torch.device(device)
+        encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in self.data]
+        try:
+            images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # a PNG or a CMYK JPEG in the batch
+            images = [decode_image(d, mode=ImageReadMode.RGB).to(device) for d in encoded]
+        size = [self.image_size, self.image_size]
+        batch = torch.stack([i if list(i.shape[-2:]) == size else T.functional.resize(i, size, antialias=True)
+                             for i in images])
+        batch = T.functional.to_dtype(batch, torch.float32, scale=True)
+        return T.functional.normalize(batch, IMAGENET_MEAN, IMAGENET_STD) if self.normalize else batch
+
+
+class DecodeOnDevice:
+    """The collate function of --gpu-decode: a JpegBatch and a tensor of labels."""
+
+    def __init__(self, image_size: int, normalize: bool):
+        self.image_size, self.normalize = image_size, normalize
+
+    def __call__(self, items: list[tuple[bytes, int]]):
+        return JpegBatch([d for d, _ in items], self.image_size, self.normalize), torch.tensor([label for _, label in items])
+
+
+# %% [markdown]
+# ## Appendix: the command-line tool
+#
+# ```bash
+# python scripts/data.py synthetic data/birds-synthetic   # make the stand-in
+# python scripts/data.py download data/birds              # the real data (Kaggle credentials; a login node)
+# python scripts/data.py verify data/birds                # count and check every image
+# python scripts/data.py stage data/birds                 # copy to node-local disk in a job
+# ```
 
 # %%
 def build_parser() -> argparse.ArgumentParser:
@@ -1088,115 +1329,3 @@ def main(argv: list[str] | None = None) -> int:
 # %% tags=["active-py"]
 if __name__ == "__main__":
     run_cli(main)
-
-# %% [markdown]
-# ## Try it: make the data and look at it
-#
-# The cell below makes the synthetic dataset when `data_dir` does not exist yet. To use
-# the real one, download it on a login node and set `data_dir` in the first cell.
-
-# %% tags=["active-ipynb"]
-# if not Path(data_dir).exists():
-#     make_synthetic(data_dir, classes=num_classes, per_class=(images_per_class, 10, 10), image_size=image_size)
-# counts, problems = verify_dataset(data_dir)
-# for split, per_class in counts.items():
-#     print(f"{split}: {sum(per_class.values())} images in {len(per_class)} classes")
-# print("problems:", problems or "none")
-
-# %% [markdown]
-# `birds.csv` indexes every image; the folders alone are enough for training.
-
-# %% tags=["active-ipynb"]
-# with open(Path(data_dir) / "birds.csv") as f:
-#     for line in list(f)[:4]:
-#         print(line.rstrip())
-
-# %% [markdown]
-# ### A browser for the images
-#
-# Choose a species: the grid shows its first training images. Look for what tells the
-# species apart (colours of body, head and wing) and what does not (background, pose).
-
-# %% tags=["active-ipynb"]
-# import ipywidgets as widgets
-# from IPython.display import display
-#
-# classes = find_classes(data_dir)
-# chooser = widgets.Dropdown(options=classes, description="species")
-# grid = widgets.GridBox(layout=widgets.Layout(grid_template_columns="repeat(4, 120px)"))
-#
-#
-# def show_class(name):
-#     folder = next(d for d in class_folders(Path(data_dir) / "train") if class_key(d.name) == name)
-#     grid.children = [widgets.Image(value=p.read_bytes(), format="jpeg", width=112, height=112)
-#                      for p in image_files(folder)[:8]]
-#
-#
-# chooser.observe(lambda change: show_class(change["new"]), names="value")
-# show_class(chooser.value)
-# display(widgets.VBox([chooser, grid]))
-
-# %% [markdown]
-# ### What the network sees
-#
-# After normalisation the values are centred near 0 with a standard deviation near 1 per
-# channel, which is the input distribution the ImageNet weights were trained on.
-
-# %% tags=["active-ipynb"]
-# splits = load_splits(data_dir, image_size=image_size)
-# image, label = splits["train"][0]
-# print("tensor", tuple(image.shape), image.dtype, "label", label, splits["train"].classes[label])
-# print("per-channel mean", image.mean(dim=(1, 2)).numpy().round(2), "std", image.std(dim=(1, 2)).numpy().round(2))
-
-# %% [markdown]
-# ### How many workers?
-#
-# We time the loader alone for several `num_workers`. With 0 the training process
-# decodes every JPEG itself; each worker adds a decoder until the CPUs run out.
-
-# %% tags=["active-ipynb"]
-# import matplotlib.pyplot as plt
-#
-#
-# def loader_images_per_second(workers, batches):
-#     loader = make_loader(splits["train"], batch_size, workers, shuffle=True, persistent_workers=False)
-#     it = iter(loader)
-#     next(it)  # start-up (worker processes) is not what we measure
-#     started, seen = time.perf_counter(), 0
-#     for _, (images, _) in zip(range(batches), it):
-#         seen += len(images)
-#     return seen / (time.perf_counter() - started)
-#
-#
-# worker_counts = sorted({0, 1, 2, min(max_workers, available_cpus())})
-# rates = [loader_images_per_second(w, batches_to_time) for w in worker_counts]
-# plt.bar([str(w) for w in worker_counts], rates)
-# plt.xlabel("num_workers"); plt.ylabel("images/s"); plt.title(f"input pipeline, {available_cpus()} CPUs")
-# plt.show()
-
-# %% [markdown]
-# ## Exercises
-#
-# **1.** With `batch_size` images per batch and `drop_last=False`, how many batches does one
-# epoch over the training split take? Compute it from the dataset size, without the loader.
-
-# %% tags=["active-ipynb"]
-# batches_per_epoch = None  # your answer: an expression using len(splits["train"]) and batch_size
-
-# %% tags=["active-ipynb"]
-# expected = len(make_loader(splits["train"], batch_size, 0))
-# if batches_per_epoch == expected:
-#     print(f"Correct: {expected} batches.")
-# else:
-#     print("Not yet. Hint: the last batch may be smaller than the others; think of rounding up.")
-
-# %% [markdown]
-# <details><summary>Solution</summary>
-#
-# ```python
-# batches_per_epoch = -(-len(splits["train"]) // batch_size)  # ceil division
-# ```
-# </details>
-#
-# **2.** Look at the plot: which `num_workers` would you ask Slurm for with
-# `--cpus-per-task`, and why does adding more stop helping?

@@ -18,15 +18,16 @@
 # Training a ResNet-152 from scratch on 85 000 bird photos would take days. Instead we
 # take a network that already learned general visual features on ImageNet's 1.2 million
 # images and **replace only its last layer**, the classification head, with one sized for
-# our species. Two ways to train it:
+# our species.
 #
-# * **frozen backbone** (default with ImageNet weights): only the head learns. Fast, and
-#   the backbone's BatchNorm layers stay in evaluation mode so their running statistics
-#   do not drift away from what the pretrained weights expect.
-# * **fine-tuning** (`--finetune`): every layer learns. Slower, usually more accurate.
+# **You will learn to:**
+# - take a pretrained ResNet apart into a backbone and a new head for our classes
+# - choose between a frozen backbone and fine-tuning, and count what trains in each
+# - explain why a frozen backbone stays in evaluation mode while the head trains
+# - fetch the ImageNet weights on a login node, because compute nodes must not download
 #
-# This notebook is also `scripts/model.py`; its command `fetch-weights` downloads the
-# ImageNet weights on a login node.
+# **Time:** about 10 minutes, all of it core. The appendix holds the code that fetches and
+# loads the weights, and the command-line tool `scripts/model.py` (this notebook's export).
 
 # %% tags=["parameters", "active-ipynb"]
 # num_classes = 10
@@ -41,12 +42,6 @@
 # %%
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-import urllib.error
-from pathlib import Path
-
 import torch
 from torch import nn
 from torchvision import models
@@ -54,6 +49,20 @@ from torchvision import models
 from data import UserError, run_cli
 
 # %% [markdown]
+# ## The layer we replace
+#
+# A torchvision ResNet ends in `fc`, a linear layer from the backbone's features to
+# ImageNet's 1000 classes. (Built here with `weights=None`: the layers are the same, and
+# nothing is downloaded.)
+
+# %% tags=["active-ipynb"]
+# resnet = getattr(models, arch)(weights=None)
+# print("last layer:", resnet.fc)
+
+# %% [markdown]
+# Look at: `in_features`, the number of features the backbone gives (512 for ResNet-18,
+# 2048 for ResNet-50 and ResNet-152); our head maps them to our classes instead of 1000.
+#
 # ## Architectures and their ImageNet weights
 #
 # `--arch` picks the depth: ResNet-18 (11 M parameters) trains on a laptop CPU in
@@ -67,6 +76,11 @@ ARCHITECTURES = {
 }
 
 
+# %% [markdown]
+# Support, collapsed: `check_arch` and `check_num_classes` turn an unknown `--arch` or
+# fewer than 2 classes into a one-line error.
+
+# %% jupyter={"source_hidden": true}
 def check_arch(arch: str) -> None:
     if arch not in ARCHITECTURES:
         raise UserError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
@@ -75,6 +89,31 @@ def check_arch(arch: str) -> None:
 def check_num_classes(num_classes: int, what: str) -> None:
     if num_classes < 2:
         raise UserError(f"{what} {num_classes} is out of range: a classifier needs at least 2 classes")
+
+
+# %% [markdown]
+# ## Compute nodes must not download
+#
+# torchvision downloads weights on first use. On most clusters only **login nodes** reach
+# the internet, so a job that tries to download hangs or fails deep inside a stack trace.
+# We never download during training: fetch once on the login node, into `TORCH_HOME`
+# (a shared directory every node sees), and training finds the file there.
+#
+# ```bash
+# export TORCH_HOME=$HOME/.cache/torch     # or a project directory shared by the group
+# python scripts/model.py fetch-weights --arch resnet152
+# ```
+#
+# When the file is missing, `build_model(..., weights="imagenet")` below stops with one
+# line that gives this command. The code that fetches and loads the weights
+# (`fetch_weights`, `load_backbone_weights`) is collapsed here:
+
+# %% jupyter={"source_hidden": true}
+# Where the weights live (cached_weights_path), fetch_weights (login node), load_backbone_weights (jobs).
+import os
+import sys
+import urllib.error
+from pathlib import Path
 
 
 def weights_url(arch: str) -> str:
@@ -87,20 +126,6 @@ def cached_weights_path(arch: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights_url(arch))
 
 
-# %% [markdown]
-# ## Compute nodes have no internet
-#
-# torchvision downloads weights on first use. On most clusters only **login nodes** reach
-# the internet, so a job that tries to download hangs or fails deep inside a stack trace.
-# We never download during training: fetch once on the login node, into `TORCH_HOME`
-# (a shared directory every node sees), and training finds the file there.
-#
-# ```bash
-# export TORCH_HOME=$HOME/.cache/torch     # or a project directory shared by the group
-# python scripts/model.py fetch-weights --arch resnet152
-# ```
-
-# %%
 def fetch_weights(arch: str, url: str | None = None) -> Path:
     """Download the ImageNet weights of `arch` into the torch.hub cache."""
     target = cached_weights_path(arch)
@@ -154,9 +179,13 @@ def load_backbone_weights(backbone: nn.Module, arch: str, weights: str) -> None:
 # ## Backbone plus head
 #
 # The head's size comes from the dataset (the original workshop hard-coded 400 classes,
-# which broke as soon as the dataset grew to 525). `train()` is overridden so that a
-# frozen backbone stays in evaluation mode even while the head trains: otherwise every
-# batch would nudge BatchNorm's running means, and the "frozen" network would change.
+# which broke as soon as the dataset grew to 525). Two ways to train:
+#
+# * **frozen backbone** (default with ImageNet weights): only the head learns. Fast; and
+#   `train()` is overridden so that the frozen backbone stays in evaluation mode even while
+#   the head trains: otherwise every batch would nudge BatchNorm's running means, and the
+#   "frozen" network would change.
+# * **fine-tuning** (`--finetune`): every layer learns. Slower, usually more accurate.
 #
 # A randomly initialised ResNet (`--weights none`) is built with
 # `zero_init_residual=True`: each residual block starts as the identity, which keeps
@@ -190,6 +219,7 @@ class BirdClassifier(nn.Module):
         return self.head(self.backbone(images))
 
 
+# %%
 def build_model(arch: str, num_classes: int, weights: str = "imagenet", finetune: bool = False,
                 log=print) -> BirdClassifier:
     """The course's model; `weights` is imagenet, none, or a path to a weights file."""
@@ -210,42 +240,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 # %% [markdown]
-# ## The command-line tool
-
-# %%
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="model.py", description="Fetch weights and inspect the course's model.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("fetch-weights", help="download ImageNet weights into $TORCH_HOME (run on a login node)")
-    p.add_argument("--arch", default="resnet152", help="resnet18, resnet50 or resnet152 (default resnet152)")
-    p.add_argument("--url", default=None, help="download from here instead (file:// works)")
-    p = sub.add_parser("summary", help="print parameter counts")
-    p.add_argument("--arch", default="resnet152")
-    p.add_argument("--classes", type=int, default=525)
-    p.add_argument("--finetune", action="store_true")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    check_arch(args.arch)
-    if args.command == "fetch-weights":
-        print(f"weights for {args.arch} in {fetch_weights(args.arch, args.url)}")
-    else:
-        check_num_classes(args.classes, "--classes")
-        model = BirdClassifier(args.arch, args.classes, freeze_backbone=not args.finetune)
-        total, trainable = count_parameters(model)
-        print(f"{args.arch}: {total:,} parameters, {trainable:,} trainable")
-    return 0
-
-
-# %% tags=["active-py"]
-if __name__ == "__main__":
-    run_cli(main)
-
-# %% [markdown]
-# ## Try it
-#
 # Build the model for our dataset and count what trains. (`weights="none"` here so the
 # notebook runs without the download; on the cluster use `"imagenet"`.)
 
@@ -258,8 +252,11 @@ if __name__ == "__main__":
 # print(f"{arch}, everything trains: {count_parameters(full)[1]:,} trainable")
 
 # %% [markdown]
-# Look at the modes: after `model.train()` the head trains, but the frozen backbone is
-# still in evaluation mode, so its BatchNorm statistics cannot drift.
+# Look at: with a frozen backbone only the head's parameters train, a tiny fraction.
+# (`build_model` with `weights="none"` trains every layer, as its notice says.)
+#
+# Now the modes: after `model.train()` the head trains, but the frozen backbone is still
+# in evaluation mode, so its BatchNorm statistics cannot drift.
 
 # %% tags=["active-ipynb"]
 # frozen.train()
@@ -290,5 +287,56 @@ if __name__ == "__main__":
 # ```
 # </details>
 #
-# **2.** Why would DDP with a frozen backbone exchange far less data per step than DDP
-# with `--finetune`? (Only parameters that have gradients are synchronised.)
+# **Discuss:** Why would DDP with a frozen backbone exchange far less data per step than
+# DDP with `--finetune`? (Only parameters that have gradients are synchronised.)
+#
+# <details><summary>Model answer</summary>
+#
+# After each backward pass DDP averages, over all processes, the gradient of every
+# parameter that requires one. With a frozen backbone that is only the head: for
+# ResNet-152 and 525 classes 1,075,725 numbers per step (exercise 1), against 59,219,533
+# with `--finetune` (`python scripts/model.py summary --arch resnet152 --classes 525
+# --finetune` counts them): about 55 times more data on the network every step.
+# </details>
+
+# %% [markdown]
+# ## Appendix: the command-line tool
+#
+# ```bash
+# python scripts/model.py fetch-weights --arch resnet152   # on a login node
+# python scripts/model.py summary --arch resnet152 --classes 525 [--finetune]
+# ```
+
+# %%
+import argparse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="model.py", description="Fetch weights and inspect the course's model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("fetch-weights", help="download ImageNet weights into $TORCH_HOME (run on a login node)")
+    p.add_argument("--arch", default="resnet152", help="resnet18, resnet50 or resnet152 (default resnet152)")
+    p.add_argument("--url", default=None, help="download from here instead (file:// works)")
+    p = sub.add_parser("summary", help="print parameter counts")
+    p.add_argument("--arch", default="resnet152")
+    p.add_argument("--classes", type=int, default=525)
+    p.add_argument("--finetune", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_arch(args.arch)
+    if args.command == "fetch-weights":
+        print(f"weights for {args.arch} in {fetch_weights(args.arch, args.url)}")
+    else:
+        check_num_classes(args.classes, "--classes")
+        model = BirdClassifier(args.arch, args.classes, freeze_backbone=not args.finetune)
+        total, trainable = count_parameters(model)
+        print(f"{args.arch}: {total:,} parameters, {trainable:,} trainable")
+    return 0
+
+
+# %% tags=["active-py"]
+if __name__ == "__main__":
+    run_cli(main)

@@ -9,7 +9,7 @@ every matplotlib figure shown as a PNG, and a dataset browser that reacts to its
 A screenshot of each notebook goes to artifacts/screenshots/<name>.png.
 
 Needs Chromium (`apt-get install -y --no-install-recommends chromium`) and the playwright
-package (requirements.txt); `playwright install` is not needed. Everything stays on 127.0.0.1.
+package (requirements-dev.txt); `playwright install` is not needed. Everything stays on 127.0.0.1.
 """
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        unavailable("no playwright package for the JupyterLab tests (pip install -r requirements.txt)")
+        unavailable("no playwright package for the JupyterLab tests (pip install -r requirements-dev.txt)")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
         yield browser

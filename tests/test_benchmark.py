@@ -18,16 +18,6 @@ TINY_BENCH = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "
               "--warmup", "1", "--steps", "1", "--repeats", "1", "--epochs", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One compute thread: on a 2-core machine shared with other jobs, two threads that wait
-    for each other in every operation run several times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fit(tiny_data, out, *extra):
     return train.fit(train.parse_args([str(a) for a in tiny_train_args(tiny_data, out, *extra)]))
 

@@ -1,4 +1,4 @@
-"""The test suite itself: its asserts can fail.
+"""The test suite itself: its asserts can fail, and every test process computes with one thread.
 
 Asserts that cannot fail: one on a constant (`assert (x, "message")` is a non-empty tuple,
 always true), or a comparison of an expression with itself (`a.b == a.b`); found by reading the
@@ -6,7 +6,12 @@ source with `ast`, and weak_asserts explains each finding."""
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
+
+import torch
+
+import conftest
 
 TESTS = Path(__file__).resolve().parent
 COMPARING_CALLS = ("equal", "allclose", "isclose", "array_equal", "samefile")  # f(a, a) compares a with itself
@@ -96,3 +101,9 @@ def test_the_check_finds_each_planted_weak_assert_and_passes_sound_ones():
     assert [int(f.split(":")[1]) for f in weak_asserts(PLANTED)] == list(range(3, 13))
     assert weak_asserts(SOUND) == []
 
+
+
+def test_every_test_process_computes_with_one_thread():
+    """conftest.py sets it before torch is imported; subprocesses inherit the variables."""
+    assert torch.get_num_threads() == 1
+    assert {k: os.environ[k] for k in conftest.ONE_THREAD} == {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny synthetic dataset and a way to run the course's scripts."""
+"""Shared fixtures: a tiny synthetic dataset, a way to run the course's scripts, and the
+notebooks executed once per run."""
 from __future__ import annotations
 
 import os
@@ -17,7 +18,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)  # in case torch was imported (by a plugin) before the variables above
-
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
@@ -80,6 +80,17 @@ def run_torchrun(processes: int, script: str, *args, env: dict | None = None,
     return subprocess.run(command, capture_output=True, text=True, env=env or cpu_env(), timeout=timeout, cwd=ROOT)
 
 
+def load_build_site():
+    """docs/build_site.py (a script, not a package) as the module `build_site`, loaded once."""
+    import importlib.util
+    if "build_site" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("build_site", ROOT / "docs" / "build_site.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["build_site"]
+
+
 @pytest.fixture(scope="session")
 def standin_weights(tmp_path_factory) -> Path:
     """A local stand-in for the ImageNet file: a fixed random ResNet-18 state dict."""
@@ -89,3 +100,27 @@ def standin_weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "resnet18-standin.pth"
     torch.save(models.resnet18(weights=None).state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def executed_notebooks(request, tiny_data, tmp_path_factory):
+    """name -> the path of notebooks/<name>.ipynb executed once in this run, with the exercises'
+    solutions run after their checks (tests/notebook_tools.py: ExecutedNotebooks says who reads
+    these copies and which tests execute on their own). The notebooks that the selected tests
+    read run together on first use."""
+    import notebook_tools
+    return notebook_tools.ExecutedNotebooks(tiny_data, tmp_path_factory.mktemp("notebooks"),
+                                            notebooks_read_by(request.session.items))
+
+
+def notebooks_read_by(items) -> list[str]:
+    """The notebooks that these tests read: the one a test is parametrised with (`name`), or all."""
+    from test_notebooks import notebook_names
+    names = notebook_names()
+    wanted = set()
+    for item in items:
+        if "executed_notebooks" in getattr(item, "fixturenames", ()):
+            name = getattr(item, "callspec", None) and item.callspec.params.get("name")
+            wanted |= {name} if name in names else set(names)
+    return [n for n in names if n in wanted]
+

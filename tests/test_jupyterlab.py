@@ -8,6 +8,10 @@ checks what a learner would see: no errors, every ipywidget rendered (not its te
 every matplotlib figure shown as a PNG, and a dataset browser that reacts to its Dropdown.
 A screenshot of each notebook goes to artifacts/screenshots/<name>.png.
 
+These tests run every notebook again rather than read the copies executed once per run
+(executed_notebooks): what they check exists only while JupyterLab's own kernel runs the cells
+(widgets are drawn from a live kernel's comm messages, and the Dropdown is clicked).
+
 Needs Chromium (`apt-get install -y --no-install-recommends chromium`) and the playwright
 package (requirements-dev.txt); `playwright install` is not needed. Everything stays on 127.0.0.1.
 """

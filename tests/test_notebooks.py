@@ -55,6 +55,7 @@ def test_notebook_is_committed_without_outputs_and_has_parameters(name):
     assert any("Exercise" in "".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "markdown")
 
 
-# Every notebook is executed under papermill, with these parameters, in tests/test_exercises.py
-# (as shipped and with the exercises' solutions), in a real JupyterLab in tests/test_jupyterlab.py,
-# and for the course site in tests/test_site.py.
+# Every notebook is executed under papermill with these parameters once per test run, as shipped
+# and with the exercises' solutions (the executed_notebooks fixture, tests/notebook_tools.py); the
+# exercise checks (tests/test_exercises.py) and the course site (tests/test_site.py) read those
+# copies. tests/test_jupyterlab.py runs every notebook again, in a real JupyterLab.

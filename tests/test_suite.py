@@ -1,4 +1,5 @@
-"""The test suite itself: its asserts can fail, and every test process computes with one thread.
+"""The test suite itself: its asserts can fail, every test process computes with one thread,
+and a run executes the notebooks its tests read.
 
 Asserts that cannot fail: one on a constant (`assert (x, "message")` is a non-empty tuple,
 always true), or a comparison of an expression with itself (`a.b == a.b`); found by reading the
@@ -8,6 +9,7 @@ from __future__ import annotations
 import ast
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -102,8 +104,25 @@ def test_the_check_finds_each_planted_weak_assert_and_passes_sound_ones():
     assert weak_asserts(SOUND) == []
 
 
-
 def test_every_test_process_computes_with_one_thread():
     """conftest.py sets it before torch is imported; subprocesses inherit the variables."""
     assert torch.get_num_threads() == 1
     assert {k: os.environ[k] for k in conftest.ONE_THREAD} == {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def fake_item(path: str, test: str, fixtures=(), **params) -> SimpleNamespace:
+    item = SimpleNamespace(path=conftest.ROOT / path, nodeid=f"{path}::{test}", fixturenames=["request", *fixtures],
+                           markers=[])
+    item.add_marker = lambda marker: item.markers.append(marker)
+    if params:
+        item.callspec = SimpleNamespace(params=params)
+    return item
+
+
+def test_the_notebooks_a_selection_reads_are_executed_together():
+    from test_notebooks import notebook_names
+    one = fake_item("tests/test_exercises.py", "test_x[data]", ["executed_notebooks"], name="data")
+    two = fake_item("tests/test_exercises.py", "test_x[train]", ["executed_notebooks"], name="train")
+    every = fake_item("tests/test_site.py", "test_pages", ["site", "executed_notebooks"])
+    assert conftest.notebooks_read_by([one, two, fake_item("tests/test_data.py", "test_y")]) == ["data", "train"]
+    assert conftest.notebooks_read_by([one, every]) == notebook_names()

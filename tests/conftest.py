@@ -59,6 +59,17 @@ def run_script(script: str, *args, env: dict | None = None, timeout: float = 600
                           cwd=cwd or ROOT)
 
 
+def one_line_exit_2(main, argv: list, capsys) -> str:
+    """What a script's main prints on stderr when run_cli turns a UserError into exit status 2,
+    run in this process: starting the script costs seconds (importing torch), each time."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        data.run_cli(main, [str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
 def tiny_train_args(data_dir: Path, out: Path, *extra) -> list[str]:
     """Options for a fast CPU run on the tiny dataset."""
     return ["--data", data_dir, "--arch", "resnet18", "--weights", "none", "--image-size", "32",

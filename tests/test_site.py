@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import notebook_tools as nt
-from conftest import ROOT, cpu_env, load_build_site
+from conftest import ROOT, cpu_env, load_build_site, one_line_exit_2
 
 BUILDER = ROOT / "docs" / "build_site.py"
 SLURM = ROOT / "slurm"
@@ -174,15 +174,11 @@ def test_performance_page_renders_markdown_tables_links_and_images(tmp_path, mon
 
 
 def test_bad_input_is_a_one_line_error_and_touches_nothing(tmp_path, capsys):
-    """As the command runs it (run_cli), in this process: each start of the command costs seconds."""
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     for args in (["--out", mine], ["--out", ROOT], ["--no-such-option"], ["--executed", tmp_path / "none"]):
-        with pytest.raises(SystemExit) as exit_:
-            build_site.run_cli(build_site.main, [str(a) for a in args])
-        err = capsys.readouterr().err
-        assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), (args, err)
+        assert one_line_exit_2(build_site.main, args, capsys).startswith("error: ")
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 

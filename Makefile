@@ -7,7 +7,7 @@ DEV_STAMP := $(VENV)/.dev-installed-$(shell cat requirements.txt requirements-de
 DEMO_DATA := data/birds-synthetic
 NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 
-.PHONY: demo test sync drift cluster-up cluster-down gpu-check benchmark site
+.PHONY: demo test check sync drift cluster-up cluster-down gpu-check benchmark site
 
 # The environment: created on first use, reinstalled when requirements.txt changes.
 $(STAMP): requirements.txt
@@ -27,8 +27,14 @@ demo: $(STAMP)
 	$(PY) scripts/train.py --data $(DEMO_DATA) --arch resnet18 --weights none --image-size 64 \
 		--epochs 5 --batch-size 32 --out runs/demo
 
+# Every test, as CI does (.ci/run starts the Slurm cluster first; without one the Slurm tests are
+# skipped and say why). pytest.ini prints the 15 slowest tests at the end.
 test: $(DEV_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Day-to-day: all but the tiers slurm, browser, notebooks and slow (pytest.ini), ~2-3 min on 2 cores.
+check: $(DEV_STAMP)
+	$(PY) -m pytest -m "not slurm and not browser and not notebooks and not slow" $(PYTEST_ARGS)
 
 # Rewrite scripts/ from the notebooks (the notebooks are the source).
 sync: $(STAMP)

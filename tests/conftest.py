@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny synthetic dataset, a way to run the course's scripts, and the
-notebooks executed once per run."""
+"""Shared fixtures: a tiny synthetic dataset, a way to run the course's scripts, the notebooks
+executed once per run, and the tiers (pytest.ini's markers) of every test."""
 from __future__ import annotations
 
 import os
@@ -135,3 +135,42 @@ def notebooks_read_by(items) -> list[str]:
             wanted |= {name} if name in names else set(names)
     return [n for n in names if n in wanted]
 
+
+# --- tiers (markers registered in pytest.ini; `make check` leaves out all four) -------------------
+
+# Whole files by what they need; their owners add tests there without marking each one.
+TIER_OF_FILE = {
+    "test_slurm.py": "slurm",  # sbatch on the local cluster (`make cluster-up`); CI starts it
+    "test_ondemand.py": "slurm",  # the OnDemand app's job on that cluster (and Ruby)
+    "test_jupyterlab.py": "browser",  # every notebook in JupyterLab in headless Chromium
+}
+SLURM_DIR = ROOT / "tests" / "slurm"
+
+# Tests of a few training runs or more (over ~10 s on 2 cores), by node id without parameters,
+# and module fixtures that cost that much once for every test that uses them. A new test that
+# trains that long goes here, or gets @pytest.mark.slow; `make check` must stay within 3 minutes.
+SLOW = {
+    "tests/test_train.py::test_cpu_training_reaches_three_times_chance",
+    "tests/test_train.py::test_resume_continues_to_the_same_result",
+    "tests/test_train.py::test_wandb_offline_logs_the_config_without_network",
+    "tests/test_resilience.py::test_sigusr1_mid_epoch_then_resume_ends_as_if_never_interrupted",
+    "tests/test_resilience.py::test_ddp_stops_on_every_rank_when_one_rank_is_signalled_and_resumes_exactly",
+    "tests/test_resilience.py::test_a_corrupt_jpeg_stops_by_default_and_is_skipped_and_counted_with_the_flag",
+    "tests/test_resilience.py::test_credentials_never_reach_the_run_directory_or_the_logs",
+    "tests/test_resilience.py::test_without_a_watching_launcher_the_survivor_fails_within_the_timeout",
+    "tests/test_resilience.py::test_torchrun_ends_the_other_ranks_and_names_the_dead_one",
+    "tests/test_resilience.py::test_resume_refuses_a_checkpoint_with_another_class_count",
+}
+SLOW_FIXTURES = {("test_parallel.py", "runs")}  # single, DataParallel and DDP with 1, 2 and 3 processes
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path, fixtures = Path(item.path), getattr(item, "fixturenames", ())
+        tier = TIER_OF_FILE.get(path.name) or ("slurm" if path.is_relative_to(SLURM_DIR) else None)
+        if tier:
+            item.add_marker(tier)
+        if "executed_notebooks" in fixtures:
+            item.add_marker("notebooks")  # reads (and on first use executes) the notebooks
+        if item.nodeid.split("[")[0] in SLOW or any((path.name, f) in SLOW_FIXTURES for f in fixtures):
+            item.add_marker("slow")

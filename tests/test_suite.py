@@ -1,5 +1,5 @@
 """The test suite itself: its asserts can fail, every test process computes with one thread,
-and a run executes the notebooks its tests read.
+and each test lands in its tier (pytest.ini's markers).
 
 Asserts that cannot fail: one on a constant (`assert (x, "message")` is a non-empty tuple,
 always true), or a comparison of an expression with itself (`a.b == a.b`); found by reading the
@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 import conftest
@@ -119,6 +120,30 @@ def fake_item(path: str, test: str, fixtures=(), **params) -> SimpleNamespace:
     return item
 
 
+def test_tests_are_marked_by_what_they_need():
+    items = {
+        "slurm": fake_item("tests/test_slurm.py", "test_sbatch_new", ["tmp_path"]),
+        "ondemand": fake_item("tests/test_ondemand.py", "test_new"),
+        "cluster_script": fake_item("tests/slurm/test_cluster.py", "test_up"),
+        "browser": fake_item("tests/test_jupyterlab.py", "test_new"),
+        "reads_notebooks": fake_item("tests/test_lessons.py", "test_first_output", ["executed_notebooks"]),
+        "plain": fake_item("tests/test_train.py", "test_new", ["tiny_data", "tmp_path"]),
+        "slow": fake_item("tests/test_train.py", "test_resume_continues_to_the_same_result[x]"),
+        "slow_fixture": fake_item("tests/test_parallel.py", "test_new", ["runs"]),
+    }
+    conftest.pytest_collection_modifyitems(None, list(items.values()))
+    assert {key: item.markers for key, item in items.items()} == {
+        "slurm": ["slurm"], "ondemand": ["slurm"], "cluster_script": ["slurm"], "browser": ["browser"],
+        "reads_notebooks": ["notebooks"], "plain": [], "slow": ["slow"], "slow_fixture": ["slow"]}
+
+
+def test_every_test_named_slow_exists():
+    """A renamed test would silently move into `make check`."""
+    names = {f"tests/{path.name}::{node.name}" for path in TESTS.glob("test_*.py")
+             for node in ast.parse(path.read_text()).body if isinstance(node, ast.FunctionDef)}
+    assert conftest.SLOW - names == set()
+
+
 def test_the_notebooks_a_selection_reads_are_executed_together():
     from test_notebooks import notebook_names
     one = fake_item("tests/test_exercises.py", "test_x[data]", ["executed_notebooks"], name="data")
@@ -126,3 +151,10 @@ def test_the_notebooks_a_selection_reads_are_executed_together():
     every = fake_item("tests/test_site.py", "test_pages", ["site", "executed_notebooks"])
     assert conftest.notebooks_read_by([one, two, fake_item("tests/test_data.py", "test_y")]) == ["data", "train"]
     assert conftest.notebooks_read_by([one, every]) == notebook_names()
+
+
+@pytest.mark.parametrize("marker", ["slurm", "browser", "notebooks", "slow"])
+def test_each_tier_is_registered(pytestconfig, marker):
+    """--strict-markers (pytest.ini) turns a marker that is not registered into an error."""
+    assert any(line.split(":")[0] == marker for line in pytestconfig.getini("markers"))
+    assert "--strict-markers" in pytestconfig.getini("addopts")

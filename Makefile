@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
+DEV_STAMP := $(VENV)/.dev-installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 DEMO_DATA := data/birds-synthetic
 NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 
-.PHONY: demo test sync drift cluster-up cluster-down gpu-check benchmark site
+.PHONY: demo test check sync drift cluster-up cluster-down gpu-check benchmark site
 
 # The environment: created on first use, reinstalled when requirements.txt changes.
 $(STAMP): requirements.txt
@@ -15,14 +16,25 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
+# The tests' tools on top (requirements-dev.txt): the course's environment stays what learners need.
+$(DEV_STAMP): requirements-dev.txt $(STAMP)
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	rm -f $(VENV)/.dev-installed-* && touch $@
+
 # Synthetic data and a ResNet-18 at 64 px: a CPU trains it to well above chance in about a minute.
 demo: $(STAMP)
 	test -d $(DEMO_DATA) || $(PY) scripts/data.py synthetic $(DEMO_DATA) --classes 10 --image-size 64
 	$(PY) scripts/train.py --data $(DEMO_DATA) --arch resnet18 --weights none --image-size 64 \
 		--epochs 5 --batch-size 32 --out runs/demo
 
-test: $(STAMP)
+# Every test, as CI does (.ci/run starts the Slurm cluster first; without one the Slurm tests are
+# skipped and say why). pytest.ini prints the 15 slowest tests at the end.
+test: $(DEV_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Day-to-day: all but the tiers slurm, browser, notebooks and slow (pytest.ini), ~2-3 min on 2 cores.
+check: $(DEV_STAMP)
+	$(PY) -m pytest -m "not slurm and not browser and not notebooks and not slow" $(PYTEST_ARGS)
 
 # Rewrite scripts/ from the notebooks (the notebooks are the source).
 sync: $(STAMP)
@@ -31,7 +43,7 @@ sync: $(STAMP)
 	done
 
 # Fail when a notebook and its exported script differ.
-drift: $(STAMP)
+drift: $(DEV_STAMP)
 	$(PY) -m pytest -q tests/test_notebooks.py -k drift
 
 # A two-node Slurm cluster on this machine (root; see tests/slurm/README.md).
@@ -43,7 +55,7 @@ cluster-down:
 
 # The course as a static site in site/: every notebook executed on the CPU and rendered with its
 # outputs, the performance tables, each Slurm file beside its notebook (~3-5 min on 2 cores).
-site: $(STAMP)
+site: $(DEV_STAMP)
 	$(PY) docs/build_site.py --out site $(SITE_ARGS)
 
 # The CPU ladder of docs/performance.md (~9 min on 2 cores; measured with OMP_NUM_THREADS=1):

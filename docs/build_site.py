@@ -4,11 +4,16 @@ outputs, the measured performance tables, and every Slurm file beside the notebo
 script it runs.
 
     python docs/build_site.py [--out site] [--quick]      # `make site` runs this
+    python docs/build_site.py --out DIR --executed artifacts/executed   # notebooks executed beforehand
 
 The notebooks run under papermill on the CPU (CUDA_VISIBLE_DEVICES="") with small but real
 parameters (site_parameters below: a synthetic dataset of 10 classes at 64 px, made once
 under data/, ResNet-18 from random weights, 2-3 epochs): about 4 minutes on 2 cores. `--quick` (or SITE_QUICK=1) uses
 the tests' tiny parameters instead (`small_parameters` in tests/test_notebooks.py).
+`--executed DIR` executes nothing: it renders DIR/<name>.ipynb, notebooks that papermill
+executed earlier (the tests execute each notebook once per run, into artifacts/executed/),
+without the cells the tests added to them (tag `added-by-tests`: each exercise's solution and
+its check run again).
 
 The site is built in temporary directories and renamed over --out only when complete: a
 failed or interrupted build leaves the previous site as it was.
@@ -45,6 +50,10 @@ SLURM = ROOT / "slurm"
 PERFORMANCE = ROOT / "docs" / "performance.md"
 sys.path.insert(0, str(SCRIPTS))
 from data import UserError, run_cli  # noqa: E402  (the course's one way to report user mistakes)
+
+# Cells with this tag are not part of the lesson: the tests add each exercise's solution and its
+# check again after the shipped check (tests/notebook_tools.py); --executed leaves them out.
+ADDED_BY_TESTS = "added-by-tests"
 
 MARKER = ".built-by-build_site"  # in every site this tool writes; it only ever replaces such a directory
 
@@ -271,6 +280,29 @@ def execute(name: str, parameters: dict, target: Path) -> float:
     return time.monotonic() - start
 
 
+def take_executed(source: Path, target: Path) -> tuple[float, dict]:
+    """Copy a notebook papermill executed earlier to target without the cells the tests added;
+    return its execution time and parameters. One with an error output is refused, as a failed
+    execution is."""
+    try:
+        node = json.loads(source.read_text())
+    except OSError:
+        raise UserError(f"--executed: {source} does not exist: execute every notebook into that directory first") from None
+    except ValueError:
+        raise UserError(f"--executed: {source} is not a notebook (JSON)") from None
+    run = node.get("metadata", {}).get("papermill")
+    if not run or run.get("duration") is None:
+        raise UserError(f"--executed: {source} was not executed by papermill to the end")
+    node["cells"] = [c for c in node["cells"] if ADDED_BY_TESTS not in c.get("metadata", {}).get("tags", [])]
+    for i, cell in enumerate(node["cells"]):
+        failed = next((o for o in cell.get("outputs", []) if o.get("output_type") == "error"), None)
+        if failed:
+            raise UserError(f"--executed: {source} failed in cell {i}: {failed.get('ename')}: "
+                            f"{(failed.get('evalue') or '').strip()[:300]}")
+    target.write_text(json.dumps(node))
+    return run["duration"], run.get("parameters", {})
+
+
 # ---------------------------------------------------------------------------------------
 # Rendering
 
@@ -386,6 +418,7 @@ class Site:
     machine: str
     seconds: float = 0.0
     performance: bool = False
+    executed_from: str = ""  # --executed: where the executed notebooks came from
 
     @property
     def names(self) -> list[str]:
@@ -414,6 +447,8 @@ class Site:
                 f'<p class="footer">{html.escape(self.built_line())}</p>\n</main>\n</body>\n</html>\n')
 
     def built_line(self) -> str:
+        if self.executed_from:
+            return f"Built {self.built} by docs/build_site.py from notebooks executed beforehand ({self.executed_from})."
         mode = "tiny test parameters (--quick)" if self.quick else "small CPU parameters"
         return f"Built {self.built} by docs/build_site.py: notebooks executed with {mode} on {self.machine}."
 
@@ -596,7 +631,8 @@ def publish(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def build(out: Path, quick: bool, log=lambda message: print(message, file=sys.stderr, flush=True)) -> Site:
+def build(out: Path, quick: bool, log=lambda message: print(message, file=sys.stderr, flush=True),
+          executed_from: Path | None = None) -> Site:
     start = time.monotonic()
     out = check_out(out)
     present = sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb"))
@@ -608,36 +644,24 @@ def build(out: Path, quick: bool, log=lambda message: print(message, file=sys.st
     try:
         import mistune  # noqa: F401
         import nbconvert  # noqa: F401
-        import papermill  # noqa: F401
+        if executed_from is None:
+            import papermill  # noqa: F401
     except ImportError as error:
         raise UserError(f"{error.name} is missing: run with the course's environment (.venv/bin/python, `make site`)") from None
 
-    kernel_environment()
     with tempfile.TemporaryDirectory(prefix="build_site-") as tmp:
         work = Path(tmp)
-        if quick:
-            tiny, small_parameters = quick_parameters()
-            data_dir = make_synthetic(work / "birds-synthetic", tiny["classes"], tiny["per_class"], tiny["image_size"])
-            parameters = lambda name: small_parameters(name, data_dir, work / name)  # noqa: E731
-        else:
-            if not (SITE_DATA_DIR / "birds.csv").is_file():
-                log(f"making the site's dataset {SITE_DATA_DIR.relative_to(ROOT)} (once)")
-            data_dir = make_synthetic(SITE_DATA_DIR, SITE_DATA["classes"],
-                                      (SITE_DATA["train"], SITE_DATA["valid"], SITE_DATA["test"]), SITE_DATA["image_size"])
-            relative = os.path.relpath(data_dir, NOTEBOOKS)  # reads as in the notebooks: ../data/...
-            parameters = lambda name: site_parameters(name, relative, work / name)  # noqa: E731
-        for nb in notebooks:
-            nb.parameters = parameters(nb.name)
-            check_parameters(nb.name, nb.parameters)
         executed = work / "executed"
         executed.mkdir()
-        for nb in notebooks:
-            (work / nb.name).mkdir(exist_ok=True)
-            nb.seconds = execute(nb.name, nb.parameters, executed / f"{nb.name}.ipynb")
-            log(f"executed notebooks/{nb.name}.ipynb in {nb.seconds:.1f} s")
+        if executed_from is None:
+            execute_all(notebooks, quick, work, executed, log)
+        else:
+            for nb in notebooks:
+                nb.seconds, nb.parameters = take_executed(executed_from / f"{nb.name}.ipynb", executed / f"{nb.name}.ipynb")
 
         site = Site(notebooks, slurm, quick, datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                    machine_description(), performance=PERFORMANCE.is_file())
+                    machine_description(), performance=PERFORMANCE.is_file(),
+                    executed_from=str(executed_from or ""))
         title = next((line[2:].strip() for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("# ")),
                      "The course") if (ROOT / "README.md").is_file() else "The course"
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -660,13 +684,42 @@ def build(out: Path, quick: bool, log=lambda message: print(message, file=sys.st
     return site
 
 
+def execute_all(notebooks: list[Notebook], quick: bool, work: Path, executed: Path, log) -> None:
+    """Execute every notebook into executed/<name>.ipynb with the site's (or --quick, the tests')
+    parameters; each gets its own run directories under work/<name>."""
+    kernel_environment()
+    if quick:
+        tiny, small_parameters = quick_parameters()
+        data_dir = make_synthetic(work / "birds-synthetic", tiny["classes"], tiny["per_class"], tiny["image_size"])
+        parameters = lambda name: small_parameters(name, data_dir, work / name)  # noqa: E731
+    else:
+        if not (SITE_DATA_DIR / "birds.csv").is_file():
+            log(f"making the site's dataset {SITE_DATA_DIR.relative_to(ROOT)} (once)")
+        data_dir = make_synthetic(SITE_DATA_DIR, SITE_DATA["classes"],
+                                  (SITE_DATA["train"], SITE_DATA["valid"], SITE_DATA["test"]), SITE_DATA["image_size"])
+        relative = os.path.relpath(data_dir, NOTEBOOKS)  # reads as in the notebooks: ../data/...
+        parameters = lambda name: site_parameters(name, relative, work / name)  # noqa: E731
+    for nb in notebooks:
+        nb.parameters = parameters(nb.name)
+        check_parameters(nb.name, nb.parameters)
+    for nb in notebooks:
+        (work / nb.name).mkdir(exist_ok=True)
+        nb.seconds = execute(nb.name, nb.parameters, executed / f"{nb.name}.ipynb")
+        log(f"executed notebooks/{nb.name}.ipynb in {nb.seconds:.1f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "site", help="the site's directory (default: site/)")
     parser.add_argument("--quick", action="store_true", default=os.environ.get("SITE_QUICK", "") not in ("", "0"),
                         help="the tests' tiny parameters instead of the site's (also SITE_QUICK=1)")
+    parser.add_argument("--executed", type=Path, metavar="DIR",
+                        help="execute nothing: render DIR/<name>.ipynb, executed earlier by papermill "
+                             "(the tests' artifacts/executed), without the cells the tests added")
     args = parser.parse_args(argv)
-    build(args.out, args.quick)
+    if args.executed is not None and not args.executed.is_dir():
+        raise UserError(f"--executed {args.executed} is not a directory: execute the notebooks into it first")
+    build(args.out, args.quick, executed_from=args.executed)
     return 0
 
 

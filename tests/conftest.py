@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny synthetic dataset and a way to run the course's scripts."""
+"""Shared fixtures: a tiny synthetic dataset, a way to run the course's scripts, the notebooks
+executed once per run, and the tiers (pytest.ini's markers) of every test."""
 from __future__ import annotations
 
 import os
@@ -6,7 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+# One compute thread per test process, set before torch is imported, so that in-process tests
+# get it too, and threads that sleep rather than spin while waiting: the suite runs several
+# processes on 2 cores, where spinning OpenMP threads slow each other down up to ~30x (the
+# slowest test took 119 s with the default threads and 23 s with one). Subprocesses inherit it.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+os.environ.update(ONE_THREAD)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # in case torch was imported (by a plugin) before the variables above
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
@@ -35,10 +46,7 @@ def unavailable(reason: str) -> None:
 def cpu_env(**extra: str) -> dict:
     """The environment for a script run: CPU only, no W&B network, quiet."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "WANDB_", "KAGGLE_"))}
-    # One thread per process, and threads that sleep rather than spin while waiting: tests run
-    # several processes on 2 cores, where spinning OpenMP threads slow each other down ~30x.
-    env.update({"CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-                "OMP_WAIT_POLICY": "PASSIVE"})
+    env.update({"CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", **ONE_THREAD})
     env.update(extra)
     return env
 
@@ -49,6 +57,17 @@ def run_script(script: str, *args, env: dict | None = None, timeout: float = 600
     return subprocess.run([sys.executable, str(SCRIPTS / script), *map(str, args)],
                           capture_output=True, text=True, env=env or cpu_env(), timeout=timeout,
                           cwd=cwd or ROOT)
+
+
+def one_line_exit_2(main, argv: list, capsys) -> str:
+    """What a script's main prints on stderr when run_cli turns a UserError into exit status 2,
+    run in this process: starting the script costs seconds (importing torch), each time."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        data.run_cli(main, [str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
 
 
 def tiny_train_args(data_dir: Path, out: Path, *extra) -> list[str]:
@@ -72,6 +91,17 @@ def run_torchrun(processes: int, script: str, *args, env: dict | None = None,
     return subprocess.run(command, capture_output=True, text=True, env=env or cpu_env(), timeout=timeout, cwd=ROOT)
 
 
+def load_build_site():
+    """docs/build_site.py (a script, not a package) as the module `build_site`, loaded once."""
+    import importlib.util
+    if "build_site" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("build_site", ROOT / "docs" / "build_site.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["build_site"]
+
+
 @pytest.fixture(scope="session")
 def standin_weights(tmp_path_factory) -> Path:
     """A local stand-in for the ImageNet file: a fixed random ResNet-18 state dict."""
@@ -81,3 +111,66 @@ def standin_weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "resnet18-standin.pth"
     torch.save(models.resnet18(weights=None).state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def executed_notebooks(request, tiny_data, tmp_path_factory):
+    """name -> the path of notebooks/<name>.ipynb executed once in this run, with the exercises'
+    solutions run after their checks (tests/notebook_tools.py: ExecutedNotebooks says who reads
+    these copies and which tests execute on their own). The notebooks that the selected tests
+    read run together on first use."""
+    import notebook_tools
+    return notebook_tools.ExecutedNotebooks(tiny_data, tmp_path_factory.mktemp("notebooks"),
+                                            notebooks_read_by(request.session.items))
+
+
+def notebooks_read_by(items) -> list[str]:
+    """The notebooks that these tests read: the one a test is parametrised with (`name`), or all."""
+    from test_notebooks import notebook_names
+    names = notebook_names()
+    wanted = set()
+    for item in items:
+        if "executed_notebooks" in getattr(item, "fixturenames", ()):
+            name = getattr(item, "callspec", None) and item.callspec.params.get("name")
+            wanted |= {name} if name in names else set(names)
+    return [n for n in names if n in wanted]
+
+
+# --- tiers (markers registered in pytest.ini; `make check` leaves out all four) -------------------
+
+# Whole files by what they need; their owners add tests there without marking each one.
+TIER_OF_FILE = {
+    "test_slurm.py": "slurm",  # sbatch on the local cluster (`make cluster-up`); CI starts it
+    "test_ondemand.py": "slurm",  # the OnDemand app's job on that cluster (and Ruby)
+    "test_jupyterlab.py": "browser",  # every notebook in JupyterLab in headless Chromium
+}
+SLURM_DIR = ROOT / "tests" / "slurm"
+
+# Tests of a few training runs or more (over ~10 s on 2 cores), by node id without parameters,
+# and module fixtures that cost that much once for every test that uses them. A new test that
+# trains that long goes here, or gets @pytest.mark.slow; `make check` must stay within 3 minutes.
+SLOW = {
+    "tests/test_train.py::test_cpu_training_reaches_three_times_chance",
+    "tests/test_train.py::test_resume_continues_to_the_same_result",
+    "tests/test_train.py::test_wandb_offline_logs_the_config_without_network",
+    "tests/test_resilience.py::test_sigusr1_mid_epoch_then_resume_ends_as_if_never_interrupted",
+    "tests/test_resilience.py::test_ddp_stops_on_every_rank_when_one_rank_is_signalled_and_resumes_exactly",
+    "tests/test_resilience.py::test_a_corrupt_jpeg_stops_by_default_and_is_skipped_and_counted_with_the_flag",
+    "tests/test_resilience.py::test_credentials_never_reach_the_run_directory_or_the_logs",
+    "tests/test_resilience.py::test_without_a_watching_launcher_the_survivor_fails_within_the_timeout",
+    "tests/test_resilience.py::test_torchrun_ends_the_other_ranks_and_names_the_dead_one",
+    "tests/test_resilience.py::test_resume_refuses_a_checkpoint_with_another_class_count",
+}
+SLOW_FIXTURES = {("test_parallel.py", "runs")}  # single, DataParallel and DDP with 1, 2 and 3 processes
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path, fixtures = Path(item.path), getattr(item, "fixturenames", ())
+        tier = TIER_OF_FILE.get(path.name) or ("slurm" if path.is_relative_to(SLURM_DIR) else None)
+        if tier:
+            item.add_marker(tier)
+        if "executed_notebooks" in fixtures:
+            item.add_marker("notebooks")  # reads (and on first use executes) the notebooks
+        if item.nodeid.split("[")[0] in SLOW or any((path.name, f) in SLOW_FIXTURES for f in fixtures):
+            item.add_marker("slow")

@@ -10,13 +10,20 @@ themselves"):
 """
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
 
-from test_notebooks import NOTEBOOKS, small_parameters
+from conftest import ROOT, cpu_env, load_build_site
+from test_notebooks import NOTEBOOKS, notebook_names, small_parameters
 
 ANSWER = re.compile(r"^\s*([A-Za-z_]\w*)\s*=\s*None\b", re.M)  # the brief's "cell containing `= None`"
 YOUR_ANSWER = re.compile(r"^([A-Za-z_]\w*) = None\s+# your answer", re.M)  # the course's convention
@@ -100,6 +107,7 @@ def problems(nb) -> list[str]:
 
 
 SOLVED = "solved-check"  # tag of the check cells that run after a solution
+ADDED = load_build_site().ADDED_BY_TESTS  # on every cell with_solutions_after_checks adds; the site leaves them out
 
 
 def with_solutions_after_checks(nb) -> nbformat.NotebookNode:
@@ -111,8 +119,8 @@ def with_solutions_after_checks(nb) -> nbformat.NotebookNode:
     for e in reversed(exercises(nb)):  # from the end, so earlier indices stay valid
         shipped = nb.cells[e.check]
         check = nbformat.v4.new_code_cell(shipped.source, metadata={
-            **shipped.metadata, "tags": [*shipped.metadata.get("tags", []), SOLVED]})
-        code = nbformat.v4.new_code_cell(e.code.rstrip("\n"), metadata={"tags": ["active-ipynb", "solution"]})
+            **shipped.metadata, "tags": [*shipped.metadata.get("tags", []), SOLVED, ADDED]})
+        code = nbformat.v4.new_code_cell(e.code.rstrip("\n"), metadata={"tags": ["active-ipynb", "solution", ADDED]})
         solved.cells[e.check + 1:e.check + 1] = [code, check]
     return solved
 
@@ -141,3 +149,78 @@ def cell_errors(cell) -> list[str]:
 def errors(nb) -> list[str]:
     """`cell i: Name: message ...` for every error output of an executed notebook."""
     return [f"cell {i}: {error}" for i, cell in enumerate(nb["cells"]) for error in cell_errors(cell)]
+
+
+EXECUTED = ROOT / "artifacts" / "executed"  # the executed copies, kept after the run for a look
+CELL_TIMEOUT_S = 600
+
+
+class ExecutedNotebooks(Mapping):
+    """name -> artifacts/executed/<name>.ipynb: notebooks/<name>.ipynb executed once per test run
+    under papermill, with small_parameters, in notebooks/ (as a learner runs it), CPU only; each
+    exercise's solution and its check run again right after the shipped check
+    (with_solutions_after_checks), so one execution shows what a learner sees first and what the
+    solution gives. A notebook whose exercises are incomplete runs as shipped.
+
+    Readers: tests/test_exercises.py (the checks' `Not yet`/`Correct`), tests/test_site.py (the
+    site renders these copies with the added cells stripped). A notebook runs when it is first
+    read; `needed` (what the selected tests read) then runs together, two at a time: the kernels
+    have one thread each and the machine 2 cores.
+
+    Not reusable here, so executed on their own: tests/test_jupyterlab.py, which checks what
+    JupyterLab shows while its own kernel runs the cells (widgets need a live kernel, and the data
+    notebook's dataset browser is clicked), and test_site.py's test of the site's own executor, on
+    a two-cell notebook."""
+
+    def __init__(self, data_dir: Path, work: Path, needed: Iterable[str] = ()):
+        self.data_dir, self.work, self.needed = data_dir, work, list(needed)
+        self.paths: dict[str, Path] = {}
+
+    def __getitem__(self, name: str) -> Path:
+        if name not in notebook_names():
+            raise KeyError(name)
+        if name not in self.paths:
+            self.execute([name, *(n for n in self.needed if n not in self.paths and n != name)])
+        return self.paths[name]
+
+    def __iter__(self):
+        return iter(notebook_names())
+
+    def __len__(self) -> int:
+        return len(notebook_names())
+
+    def read(self, name: str) -> nbformat.NotebookNode:
+        return nbformat.read(self[name], as_version=4)
+
+    def directory(self) -> Path:
+        """artifacts/executed/, once every notebook is executed into it."""
+        missing = [n for n in self if n not in self.paths]
+        if missing:
+            self.execute(missing)
+        return EXECUTED
+
+    def execute(self, names: list[str]) -> None:
+        EXECUTED.mkdir(parents=True, exist_ok=True)
+        workers = min(2, os.cpu_count() or 1, len(names))
+        with ThreadPoolExecutor(workers) as pool:
+            for name, path in zip(names, pool.map(self.execute_one, names)):
+                self.paths[name] = path
+
+    def execute_one(self, name: str) -> Path:
+        """papermill in a subprocess (threads cannot share one process's kernel clients); a cell
+        that fails leaves its error in the executed copy, for the tests to report."""
+        tmp = self.work / name
+        tmp.mkdir(parents=True, exist_ok=True)
+        shipped = read(name)
+        source, target = tmp / f"{name}-with-solutions.ipynb", EXECUTED / f"{name}.ipynb"
+        nbformat.write(shipped if problems(shipped) else with_solutions_after_checks(shipped), source)
+        target.unlink(missing_ok=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "papermill", str(source), str(target), "--no-progress-bar", "--log-level", "ERROR",
+             "-y", json.dumps(small_parameters(name, self.data_dir, tmp)), "--cwd", str(NOTEBOOKS), "-k", "python3",
+             "--execution-timeout", str(CELL_TIMEOUT_S)],
+            capture_output=True, text=True, env=cpu_env(), cwd=ROOT)  # the kernel: CPU only, no Slurm or W&B
+        if not target.is_file():
+            raise AssertionError(f"papermill did not run notebooks/{name}.ipynb (exit {done.returncode}):\n"
+                                 f"{done.stderr[-3000:]}")
+        return target

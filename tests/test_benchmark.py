@@ -12,34 +12,14 @@ import benchmark
 import data
 import sweep
 import train
-from conftest import ROOT, tiny_train_args
+from conftest import ROOT, one_line_exit_2, tiny_train_args
 
 TINY_BENCH = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--images", "16", "--workers", "1",
               "--warmup", "1", "--steps", "1", "--repeats", "1", "--epochs", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One compute thread: on a 2-core machine shared with other jobs, two threads that wait
-    for each other in every operation run several times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fit(tiny_data, out, *extra):
     return train.fit(train.parse_args([str(a) for a in tiny_train_args(tiny_data, out, *extra)]))
-
-
-def one_line_exit_2(main, argv: list, capsys) -> str:
-    """What the script prints on stderr when run_cli turns a UserError into exit status 2."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        data.run_cli(main, [str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
 
 
 def test_the_ladder_reports_every_row_with_its_ratios(tiny_data, tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""One set of pins: requirements.txt, environment.yml and the installed environment agree."""
+"""Two sets of pins: requirements.txt (what a learner needs; environment.yml installs exactly
+these) and requirements-dev.txt (the tests' tools, on top); the installed environment has both."""
 from __future__ import annotations
 
 import re
@@ -6,8 +7,9 @@ from importlib.metadata import version
 
 from conftest import ROOT
 
-REQUIRED = {"torch", "torchvision", "wandb", "jupyterlab", "ipywidgets", "papermill", "nbclient",
-            "jupytext", "ipykernel", "tqdm", "matplotlib", "pytest", "playwright"}
+COURSE = {"torch", "torchvision", "wandb", "jupyterlab", "ipywidgets", "jupytext", "ipykernel", "tqdm", "matplotlib"}
+TESTS_ONLY = {"pytest", "papermill", "nbclient", "playwright"}
+EXACT_VERSION = re.compile(r"\d+(\.\d+)*((a|b|rc|\.post|\.dev)\d+)?")
 
 
 def pins(lines) -> dict[str, str]:
@@ -19,8 +21,13 @@ def pins(lines) -> dict[str, str]:
     return found
 
 
-def requirements() -> dict[str, str]:
-    return pins((ROOT / "requirements.txt").read_text().splitlines())
+def requirement_lines(name: str) -> list[str]:
+    """The requirement lines of a requirements file: no comments, blanks or `-r` includes."""
+    return [line for line in (ROOT / name).read_text().splitlines() if line.strip() and not line.startswith(("#", "-r "))]
+
+
+def requirements(name: str = "requirements.txt") -> dict[str, str]:
+    return pins(requirement_lines(name))
 
 
 def environment_pip_section() -> dict[str, str]:
@@ -35,20 +42,27 @@ def environment_pip_section() -> dict[str, str]:
     return pins(section)
 
 
-def test_requirements_pin_every_course_package_exactly():
-    assert REQUIRED <= requirements().keys()
-    assert requirements()["torch"] == "2.14.1" and requirements()["torchvision"] == "0.29.1"
-    unpinned = [line for line in (ROOT / "requirements.txt").read_text().splitlines()
-                if line.strip() and not line.startswith("#") and "==" not in line]
-    assert unpinned == []
+def test_requirements_pin_every_package_exactly_and_learners_get_no_test_tool():
+    assert COURSE <= requirements().keys() and requirements().keys().isdisjoint(TESTS_ONLY)
+    assert TESTS_ONLY <= requirements("requirements-dev.txt").keys()
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        loose = [line for line in requirement_lines(name) if not re.fullmatch(
+            rf"[A-Za-z0-9_.-]+=={EXACT_VERSION.pattern}", line.split("#")[0].strip())]
+        assert loose == [], f"{name}: pin each package to one version (name==1.2.3)"
 
 
-def test_environment_yml_installs_the_same_pins_through_pip():
+def test_the_tests_requirements_add_their_tools_to_the_course_requirements():
+    lines = (ROOT / "requirements-dev.txt").read_text().splitlines()
+    assert "-r requirements.txt" in lines  # `pip install -r requirements-dev.txt` installs both
+    assert requirements().keys().isdisjoint(requirements("requirements-dev.txt"))  # one pin per package
+
+
+def test_environment_yml_installs_the_course_pins_and_no_test_tool():
     assert environment_pip_section() == requirements()
     assert "python=3.11" in (ROOT / "environment.yml").read_text()
 
 
-def test_the_installed_environment_matches_the_pins():
-    mismatched = {name: (pin, version(name)) for name, pin in requirements().items()
-                  if version(name).split("+")[0] != pin}
+def test_the_installed_environment_matches_both_sets_of_pins():
+    wanted = {**requirements(), **requirements("requirements-dev.txt")}
+    mismatched = {name: (pin, version(name)) for name, pin in wanted.items() if version(name).split("+")[0] != pin}
     assert mismatched == {}

@@ -8,8 +8,12 @@ checks what a learner would see: no errors, every ipywidget rendered (not its te
 every matplotlib figure shown as a PNG, and a dataset browser that reacts to its Dropdown.
 A screenshot of each notebook goes to artifacts/screenshots/<name>.png.
 
+These tests run every notebook again rather than read the copies executed once per run
+(executed_notebooks): what they check exists only while JupyterLab's own kernel runs the cells
+(widgets are drawn from a live kernel's comm messages, and the Dropdown is clicked).
+
 Needs Chromium (`apt-get install -y --no-install-recommends chromium`) and the playwright
-package (requirements.txt); `playwright install` is not needed. Everything stays on 127.0.0.1.
+package (requirements-dev.txt); `playwright install` is not needed. Everything stays on 127.0.0.1.
 """
 from __future__ import annotations
 
@@ -125,7 +129,7 @@ def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        unavailable("no playwright package for the JupyterLab tests (pip install -r requirements.txt)")
+        unavailable("no playwright package for the JupyterLab tests (pip install -r requirements-dev.txt)")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
         yield browser

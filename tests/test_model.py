@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import data
 import model
-from conftest import cpu_env, run_script
+from conftest import one_line_exit_2
 
 
 def trainable_names(net) -> set[str]:
@@ -49,12 +49,10 @@ def test_missing_imagenet_weights_say_to_run_fetch_weights(tmp_path, monkeypatch
         model.build_model("resnet18", 5, weights="imagenet")
 
 
-def test_fetch_weights_offline_is_one_line_and_exit_2(tmp_path):
-    env = cpu_env(TORCH_HOME=str(tmp_path / "torch"))
-    result = run_script("model.py", "fetch-weights", "--arch", "resnet18", "--url", "http://127.0.0.1:9/w.pth", env=env)
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: cannot download http://127.0.0.1:9/w.pth")
-    assert "login node" in result.stderr and "Traceback" not in result.stderr
+def test_fetch_weights_offline_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    err = one_line_exit_2(model.main, ["fetch-weights", "--arch", "resnet18", "--url", "http://127.0.0.1:9/w.pth"], capsys)
+    assert err.startswith("error: cannot download http://127.0.0.1:9/w.pth") and "login node" in err
 
 
 def test_fetched_weights_are_used_by_imagenet_runs(tmp_path, monkeypatch):

@@ -38,12 +38,26 @@ def test_every_notebook_has_its_script_and_every_script_its_notebook():
     assert notebook_names() == scripts
 
 
+def export(name: str) -> str:
+    """scripts/<name>.py as `make sync` writes it: jupytext with the repository's jupytext.toml,
+    here in this process (the command costs seconds to start, each time)."""
+    import jupytext
+    from jupytext.config import load_jupytext_config
+    config = load_jupytext_config(str(NOTEBOOKS))
+    return jupytext.writes(jupytext.read(NOTEBOOKS / f"{name}.ipynb"), fmt="py:percent", config=config)
+
+
 @pytest.mark.parametrize("name", notebook_names())
 def test_no_drift_between_notebook_and_script(name):
-    exported = subprocess.run([str(JUPYTEXT), "--to", "py:percent", "-o", "-", str(NOTEBOOKS / f"{name}.ipynb")],
-                              capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    assert exported == (SCRIPTS / f"{name}.py").read_text(), (
+    assert export(name) == (SCRIPTS / f"{name}.py").read_text(), (
         f"notebooks/{name}.ipynb and scripts/{name}.py differ: edit the notebook, then run `make sync`")
+
+
+def test_the_drift_test_exports_as_make_sync_does():
+    name = min(notebook_names(), key=lambda n: (NOTEBOOKS / f"{n}.ipynb").stat().st_size)
+    command = subprocess.run([str(JUPYTEXT), "--to", "py:percent", "-o", "-", str(NOTEBOOKS / f"{name}.ipynb")],
+                             capture_output=True, text=True, check=True, cwd=ROOT)  # as the Makefile's sync
+    assert command.stdout == export(name)
 
 
 @pytest.mark.parametrize("name", notebook_names())
@@ -52,11 +66,10 @@ def test_notebook_is_committed_without_outputs_and_has_parameters(name):
     code = [c for c in notebook["cells"] if c["cell_type"] == "code"]
     assert all(not c.get("outputs") and not c.get("execution_count") for c in code)
     assert sum("parameters" in c["metadata"].get("tags", []) for c in code) == 1
-    last_markdown = [c for c in notebook["cells"] if c["cell_type"] == "markdown"][-1]
     assert any("Exercise" in "".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "markdown")
-    assert last_markdown  # every notebook ends in prose (exercises), checked by eye in review
 
 
-# Every notebook is executed under papermill, with these parameters, in tests/test_exercises.py
-# (as shipped and with the exercises' solutions), in a real JupyterLab in tests/test_jupyterlab.py,
-# and for the course site in tests/test_site.py.
+# Every notebook is executed under papermill with these parameters once per test run, as shipped
+# and with the exercises' solutions (the executed_notebooks fixture, tests/notebook_tools.py); the
+# exercise checks (tests/test_exercises.py) and the course site (tests/test_site.py) read those
+# copies. tests/test_jupyterlab.py runs every notebook again, in a real JupyterLab.

@@ -1,15 +1,18 @@
 """Parallel training gives the single-device result: DDP (1, 2, 3 processes), DataParallel, sweeps."""
 from __future__ import annotations
 
+import argparse
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+import model
 import sweep
 import train
 import train_ddp
+import train_dp
 from conftest import TINY, cpu_env, run_script, run_torchrun, tiny_train_args
 
 GLOBAL_BATCH = 12  # 96 training images: 8 steps per epoch for 1, 2 and 3 processes
@@ -51,18 +54,34 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", ["ddp1", "ddp2", "ddp3"])
-def test_ddp_ends_with_the_weights_of_one_process_with_the_global_batch(runs, name):
+def test_ddp_ends_with_the_weights_of_one_process_with_the_global_batch(runs, standin_weights, name):
     single, parallel = weights(runs["single"]), weights(runs[name])
     assert single.keys() == parallel.keys()
-    assert not torch.equal(single["head.weight"], torch.zeros_like(single["head.weight"]))
+    torch.manual_seed(0)  # the head train.fit starts from (--seed 0)
+    initial = model.build_model("resnet18", TINY["classes"], str(standin_weights), log=lambda *a: None).state_dict()
+    assert not torch.equal(single["head.weight"], initial["head.weight"]), "the head did not train"
     for key in single:
         assert torch.allclose(single[key], parallel[key], atol=1e-5), key
 
 
-def test_dataparallel_ends_with_the_single_device_weights(runs):
+def test_dataparallel_without_gpus_says_so_and_trains_as_train_py_does(runs):
+    """Without 2 GPUs train_dp.py builds no nn.DataParallel (it needs CUDA to scatter): it says so
+    and trains on one device. nn.DataParallel itself runs only on 2 or more GPUs, in
+    slurm/gpu_check.sbatch; its weights are compared with one device's nowhere on CPUs."""
     single, dp = weights(runs["single"]), weights(runs["dp"])
     assert all(torch.equal(single[k], dp[k]) for k in single)
     assert "notice: DataParallel needs 2 or more GPUs, 0 visible" in (runs["dp"] / "stdout.txt").read_text()
+
+
+@pytest.mark.parametrize("gpus,wrapped", [(0, False), (1, False), (2, True), (4, True)])
+def test_dataparallel_wraps_the_model_only_with_two_or_more_gpus(monkeypatch, capsys, gpus, wrapped):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    net = torch.nn.Linear(2, 2)
+    got = train_dp.DataParallelRuntime(device=torch.device("cuda")).wrap_model(net, argparse.Namespace(batch_size=32))
+    assert isinstance(got, torch.nn.DataParallel) == wrapped and (got.module if wrapped else got) is net
+    expected = f"DataParallel over {gpus} GPUs: {32 // gpus} images per GPU" if wrapped else \
+        f"notice: DataParallel needs 2 or more GPUs, {gpus} visible: training on cuda alone"
+    assert expected in capsys.readouterr().out
 
 
 def test_validation_counts_every_image_once_for_any_world_size(runs):
@@ -134,8 +153,11 @@ def test_sweep_rows_become_separate_runs_and_gather_tables_them(tiny_data, tmp_p
     summaries = sweep.gather([tmp_path / "runs"], plot=tmp_path / "sweep.png")
     table = capsys.readouterr().out
     assert [(s["run"], s["lr"], s["global_batch"]) for s in summaries] == [("fast", 0.003, 16), ("slow", 0.0003, 8)]
-    assert table.splitlines()[0].split()[:3] == ["run", "arch", "lr"]
-    assert "fast" in table and "slow" in table and "best: " in table
+    assert table.splitlines()[0].split()[:4] == ["run", "arch", "lr", "global_batch"]
+    rows = [line.split()[:4] for line in table.splitlines()[1:3]]
+    assert rows == [["fast", "resnet18", "0.003", "16"], ["slow", "resnet18", "0.0003", "8"]]
+    best = max(summaries, key=lambda s: s["best_val_acc"])
+    assert f"best: {best['run']} (best_val_acc={best['best_val_acc']:.4f})" in table
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

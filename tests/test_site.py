@@ -1,36 +1,33 @@
 """`make site` (docs/build_site.py): every notebook executed and rendered with its outputs, the
 performance tables, and every Slurm file beside the notebook of the script it runs.
 
-The site is built once, in quick mode (the tests' tiny parameters), into a temporary directory."""
+The site is built once, from the notebooks the tests execute once per run (`--executed`, the
+executed_notebooks fixture), into a temporary directory. The site's own executor (`execute`,
+papermill with the site's parameters) is tested on a two-cell notebook, and the site's
+parameters against each notebook's parameters cell."""
 from __future__ import annotations
 
 import html
-import importlib.util
+import json
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, cpu_env
+import notebook_tools as nt
+from conftest import ROOT, cpu_env, load_build_site, one_line_exit_2
 
 BUILDER = ROOT / "docs" / "build_site.py"
 SLURM = ROOT / "slurm"
 PERFORMANCE = ROOT / "docs" / "performance.md"
 
 
-def load_builder():
-    spec = importlib.util.spec_from_file_location("build_site", BUILDER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-build_site = load_builder()
+build_site = load_build_site()
 
 
 def run_builder(*args, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -39,12 +36,14 @@ def run_builder(*args, timeout: float = 900) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
+def site(tmp_path_factory, executed_notebooks) -> Path:
+    """The site rendered from the notebooks the tests executed once (--executed), by the command."""
     out = tmp_path_factory.mktemp("site") / "site"
+    executed = executed_notebooks.directory()
     start = time.monotonic()
-    done = run_builder("--out", out, "--quick")
+    done = run_builder("--out", out, "--executed", executed)
     assert done.returncode == 0, done.stderr[-4000:]
-    print(f"quick site built in {time.monotonic() - start:.0f} s")
+    print(f"site rendered from {executed} in {time.monotonic() - start:.0f} s")
     return out
 
 
@@ -174,15 +173,12 @@ def test_performance_page_renders_markdown_tables_links_and_images(tmp_path, mon
     assert 'src="data:image/png;base64,' in text
 
 
-def test_bad_input_is_a_one_line_error_and_touches_nothing(tmp_path):
+def test_bad_input_is_a_one_line_error_and_touches_nothing(tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    for args in (["--out", mine], ["--out", ROOT], ["--no-such-option"]):
-        done = run_builder(*args, timeout=60)
-        assert done.returncode == 2, done.stderr
-        lines = done.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    for args in (["--out", mine], ["--out", ROOT], ["--no-such-option"], ["--executed", tmp_path / "none"]):
+        assert one_line_exit_2(build_site.main, args, capsys).startswith("error: ")
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
@@ -214,3 +210,60 @@ def test_publish_replaces_the_previous_site(tmp_path):
     build_site.publish(staging, out)
     assert sorted(p.name for p in out.iterdir()) == sorted([build_site.MARKER, "index.html"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]
+
+
+def test_notebook_pages_leave_out_the_cells_the_tests_added(site):
+    """Each page has the shipped notebook's code cells and papermill's injected parameters, not
+    the solutions and checks the tests ran after each exercise."""
+    for name in build_site.TEACHING_ORDER:
+        shipped = sum(c.cell_type == "code" for c in nt.read(name).cells)
+        page = (site / "notebooks" / f"{name}.html").read_text()
+        assert page.count('class="jp-Cell jp-CodeCell ') == shipped + 1, name
+
+
+def test_executed_copies_are_taken_without_the_added_cells_and_refused_with_an_error(tmp_path):
+    def cell(source, tags=(), outputs=()):
+        return {"cell_type": "code", "source": source, "metadata": {"tags": list(tags)}, "outputs": list(outputs),
+                "execution_count": 1}
+
+    papermill = {"papermill": {"duration": 12.5, "parameters": {"epochs": 1}}}
+    lesson = [cell("x = 1"), cell("print(x)", outputs=[{"output_type": "stream", "name": "stdout", "text": "1\n"}])]
+    added = [cell("x = 2", tags=["solution", build_site.ADDED_BY_TESTS])]
+    source = tmp_path / "lesson.ipynb"
+    source.write_text(json.dumps({"cells": lesson + added, "metadata": papermill, "nbformat": 4, "nbformat_minor": 5}))
+    assert build_site.take_executed(source, tmp_path / "out.ipynb") == (12.5, {"epochs": 1})
+    assert json.loads((tmp_path / "out.ipynb").read_text())["cells"] == lesson
+
+    error = {"output_type": "error", "ename": "ValueError", "evalue": "bad value", "traceback": []}
+    source.write_text(json.dumps({"cells": [*lesson, cell("f()", outputs=[error])], "metadata": papermill}))
+    with pytest.raises(build_site.UserError, match=r"lesson.ipynb failed in cell 2: ValueError: bad value"):
+        build_site.take_executed(source, tmp_path / "out.ipynb")
+    source.write_text(json.dumps({"cells": lesson, "metadata": {}}))
+    with pytest.raises(build_site.UserError, match="was not executed by papermill"):
+        build_site.take_executed(source, tmp_path / "out.ipynb")
+    with pytest.raises(build_site.UserError, match="does not exist: execute every notebook"):
+        build_site.take_executed(tmp_path / "missing.ipynb", tmp_path / "out.ipynb")
+
+
+def test_the_sites_executor_injects_parameters_and_names_the_cell_that_failed(tmp_path, monkeypatch):
+    """build_site.execute, which `make site` runs for every notebook, on a two-cell notebook."""
+    import nbformat
+    parameters = nbformat.v4.new_code_cell("fail = True", metadata={"tags": ["parameters"]})
+    work = nbformat.v4.new_code_cell('print("ran with fail =", fail)\nassert not fail, "told to fail"')
+    nbformat.write(nbformat.v4.new_notebook(cells=[parameters, work], metadata={
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}), tmp_path / "two.ipynb")
+    monkeypatch.setattr(build_site, "NOTEBOOKS", tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where it keeps a failed copy
+    seconds = build_site.execute("two", {"fail": False}, tmp_path / "ok.ipynb")
+    assert seconds > 0
+    assert "ran with fail = False" in nt.output_text(nbformat.read(tmp_path / "ok.ipynb", as_version=4).cells[-1])
+    # cell 3 in the order of execution: the parameters, papermill's injected parameters, the failing cell
+    with pytest.raises(build_site.UserError, match=r"two.ipynb failed in cell 3: AssertionError: told to fail"):
+        build_site.execute("two", {"fail": True}, tmp_path / "failed.ipynb")
+
+
+@pytest.mark.parametrize("name", notebook_names())
+def test_the_site_and_the_tests_give_each_notebook_only_parameters_it_has(name, tmp_path):
+    from test_notebooks import small_parameters
+    build_site.check_parameters(name, build_site.site_parameters(name, "data", tmp_path))
+    build_site.check_parameters(name, small_parameters(name, tmp_path, tmp_path))

@@ -79,9 +79,11 @@ import torch
 import torchvision
 from torch.utils.data import RandomSampler, Subset
 
+import speed
 import train
-from data import UserError, atomic_write, available_cpus, load_splits, make_loader, run_cli
+from data import ShardSampler, UserError, atomic_write, available_cpus, load_splits, make_loader, run_cli
 from model import BirdClassifier, load_backbone_weights
+from resilience import write_json
 
 # %% [markdown]
 # ## Measuring honestly
@@ -100,15 +102,10 @@ from model import BirdClassifier, load_backbone_weights
 # to drift away from the real one.
 
 # %%
-class BenchmarkRuntime(train.Runtime):
-    """train.py's single-device runtime, without progress bars inside the timed loops."""
-
-    @property
-    def is_main(self) -> bool:
-        return False  # train_one_epoch draws its progress bar on the main process only
-
-    def log(self, *args) -> None:
-        print(*args, flush=True)
+@dataclass
+class BenchmarkRuntime:
+    """Where the benchmark runs: one process on one device."""
+    device: torch.device
 
 
 class Window:
@@ -157,9 +154,16 @@ def loader_rate(stream, cfg, rt) -> float:
 def train_rate(setup, stream, cfg, rt) -> float:
     """Training steps of train.train_one_epoch on batches from stream."""
     def measure(steps: int) -> float:
-        return train.train_one_epoch(setup.train_model, Window(stream, steps), setup.optimizer, setup.scaler,
-                                     cfg, rt, 0, setup.dtype)["images_per_sec"]
+        return timed_epoch(setup, Window(stream, steps), cfg, rt)
     return median_rate(measure, cfg)
+
+
+def timed_epoch(setup, loader, cfg, rt, epoch: int = 0) -> float:
+    """Images/s of train.train_one_epoch over the loader, without progress bar or log lines."""
+    steps = train.EpochSteps(epoch, len(loader), rt.device, cfg, log=lambda *args: None, bar=False)
+    train.train_one_epoch(setup.train_model, loader, setup.optimizer, setup.scaler, setup.dtype, rt.device, cfg,
+                          steps)
+    return steps.stats()["images_per_sec"]
 
 
 def on_device(stream, cfg, rt):
@@ -294,11 +298,11 @@ def cached_rates(setup, images, stream, cfg, rt) -> tuple[float, float]:
 
     def whole_run(_steps: int) -> float:
         started = time.perf_counter()
-        cached = train.backbone_features(model, images, one_pass, rt, setup.dtype)
+        cached = speed.backbone_features(model, images, ShardSampler(len(images)), one_pass, rt.device, setup.dtype)
         loader = make_loader(cached, cfg.batch_size, 0, drop_last=True,
                              sampler=RandomSampler(cached, generator=torch.Generator().manual_seed(cfg.seed)))
         for epoch in range(cfg.epochs):
-            train.train_one_epoch(setup.train_model, loader, setup.optimizer, setup.scaler, cfg, rt, epoch, setup.dtype)
+            timed_epoch(setup, loader, cfg, rt, epoch)
         synchronize(rt.device)
         return total / (time.perf_counter() - started)
     return statistics.median(whole_run(0) for _ in range(cfg.repeats)), ceiling
@@ -577,7 +581,7 @@ def report(command: str, cfg, rt, rows: list[dict], argv: list[str]) -> dict:
               "machine": machine(rt), "settings": settings(cfg), "rows": rows}
     print(format_table(rows))
     path = cfg.json or cfg.out / f"{command}.json"
-    train.write_json(path, result)
+    write_json(path, result)
     print(f"results written to {path}")
     if command == "ladder":
         plot_ladder(rows, path.with_suffix(".png"), f"{cfg.arch}, {cfg.image_size} px, batch {cfg.batch_size}, "
@@ -689,12 +693,9 @@ def main(argv: list[str] | None = None) -> int:
     if command == "scaling":
         return scaling_main(options)
     cfg = parse_config(command, options)
-    device, notices = train.pick_device(cfg.device)
-    rt = BenchmarkRuntime(device=device)
-    for notice in notices:
-        print(notice)
+    rt = BenchmarkRuntime(device=train.pick_device(cfg.device))
     if command == "run":
-        train.use_gpu_decode(cfg, rt)
+        speed.use_gpu_decode(cfg, rt.device)
         rows = [make_row("this configuration", "given by the options", cfg, measure(cfg, rt))]
         add_ratios(rows)
     else:
@@ -722,7 +723,7 @@ if __name__ == "__main__":
 #            "--images", str(images), "--warmup", str(warmup), "--steps", str(steps), "--repeats", str(repeats),
 #            "--out", out_dir]
 # cfg = parse_config("ladder", options)
-# device, _ = train.pick_device("auto")
+# device = train.pick_device("auto")
 # rt = BenchmarkRuntime(device=device)
 # rows = ladder(cfg, rt)
 # result = report("ladder", cfg, rt, rows, options)

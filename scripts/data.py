@@ -100,7 +100,7 @@ from typing import Callable, Iterable, NamedTuple
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler,
-                              SequentialSampler, default_collate)
+                              Sampler, SequentialSampler, default_collate)
 from torchvision.transforms import v2 as T
 
 
@@ -557,6 +557,22 @@ class TrainingBatches(BatchSampler):
 
     def __len__(self) -> int:  # the sampler's length now: after a mid-epoch resume, the rest of the epoch
         return super().__len__() - int(self.lone_last and len(self.sampler) % self.batch_size == 1)
+
+
+class ShardSampler(Sampler):
+    """Indices rank, rank + world, rank + 2*world, ...: each index on exactly one rank.
+
+    For validation under DDP: a DistributedSampler pads the epoch with repeats so that every
+    rank gets as many images, which would count some validation images twice."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
+        self.indices = range(rank, size, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 # %%

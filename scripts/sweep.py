@@ -35,7 +35,16 @@
 #   hundreds of settings.
 #
 # Both read the settings from a **sweep file**, one row per run, so the settings are
-# written once (`slurm/sweep.csv`). This notebook is also `scripts/sweep.py`:
+# written once (`slurm/sweep.csv`).
+#
+# **You will learn to:**
+# - write a sweep file and turn each row into a training run;
+# - run independent trainings as job steps or as a job array, and know when to choose which;
+# - gather finished runs into one table and one plot.
+#
+# **Time:** about 15 minutes. All of it is core.
+#
+# This notebook is also `scripts/sweep.py`:
 #
 # ```bash
 # python scripts/sweep.py run slurm/sweep.csv 1 --data ... --epochs 5   # train with row 1's settings
@@ -54,7 +63,7 @@
 # import sys
 # sys.path.insert(0, "../scripts")
 
-# %%
+# %% jupyter={"source_hidden": true}
 from __future__ import annotations
 
 import argparse
@@ -99,6 +108,19 @@ def sweep_arguments(row: dict[str, str], runs_dir: Path) -> list[str]:
     return args + ["--out", str(Path(runs_dir) / row["name"])]
 
 
+# %% [markdown]
+# `sweep.py run` turns a row into `train.py` options: here are both rows of the course's
+# sweep file as the command lines they become.
+
+# %% tags=["active-ipynb"]
+# for row in read_sweep(sweep_file):
+#     print("train.py", " ".join(sweep_arguments(row, runs_dir)))
+
+# %% [markdown]
+# `run_row` is what a job step or an array task runs: one row, by its number. A row's
+# name becomes a folder under `--runs-dir`, so a name that would climb out of it is refused.
+
+# %%
 def check_run_name(name: str, index: int, runs_dir: Path) -> None:
     """A row's name is a folder inside runs_dir: not empty, not absolute, never climbing out with '..'."""
     parts = PurePosixPath(name).parts
@@ -116,6 +138,28 @@ def run_row(sweep_file: Path, index: int, runs_dir: Path, train_args: list[str])
 
 
 # %% [markdown]
+# ## Try it: two runs at once
+#
+# We start both rows of the sweep file at the same time, as the two job steps of
+# `slurm/sweep_steps.sbatch` would, each restricted to one CPU thread (on the cluster:
+# one GPU each). Then we gather them.
+
+# %% tags=["active-ipynb"]
+# import os
+# import subprocess
+# if not Path(data_dir).exists():
+#     !{sys.executable} ../scripts/data.py synthetic {data_dir} --classes 10 --image-size {image_size}
+# common = ["--data", data_dir, "--arch", "resnet18", "--weights", "none", "--image-size", str(image_size),
+#           "--epochs", str(epochs), "--workers", "0", "--overwrite"]  # --overwrite: running again replaces the runs
+# env = {**os.environ, "OMP_NUM_THREADS": "1"}
+# jobs = [subprocess.Popen([sys.executable, "../scripts/sweep.py", "run", sweep_file, str(row), "--runs-dir", runs_dir,
+#                           *common], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+#         for row in range(len(read_sweep(sweep_file)))]
+# for job in jobs:
+#     print(job.communicate()[0].strip().splitlines()[-1])
+#     assert job.returncode == 0
+
+# %% [markdown]
 # ## Gathering the results
 #
 # Every run directory holds `config.json` and `metrics.jsonl`, so comparing runs needs no
@@ -123,8 +167,10 @@ def run_row(sweep_file: Path, index: int, runs_dir: Path, train_args: list[str])
 # accuracy of each run per epoch. When a run directory also holds `gpu.csv` (recorded by
 # `slurm/gpu_monitor.sh` in a GPU job), `gather` plots its GPU utilisation and memory
 # into `gpu.png`: a utilisation well below 100 % means the GPU waited.
+#
+# The helpers that read and plot the runs are collapsed below; `gather` puts them together.
 
-# %%
+# %% jupyter={"source_hidden": true}
 def find_runs(paths: list[Path]) -> list[Path]:
     """Run directories among paths and their sub-directories (those with metrics.jsonl)."""
     runs = []
@@ -205,6 +251,7 @@ def plot_gpu_use(run: Path) -> Path:
     return run / "gpu.png"
 
 
+# %%
 def gather(paths: list[Path], plot: Path | None = None) -> list[dict]:
     runs = find_runs(paths)
     if not runs:
@@ -220,61 +267,6 @@ def gather(paths: list[Path], plot: Path | None = None) -> list[dict]:
         print(f"GPU use plotted in {plot_gpu_use(run)}")
     return summaries
 
-
-# %% [markdown]
-# ## The command-line tool
-
-# %%
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sweep.py", description="Run one row of a sweep; gather runs.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="train with the settings of one row of a sweep file",
-                       epilog="Options after ROW go to train.py, e.g. --data DIR --epochs 5.")
-    p.add_argument("sweep_file", type=Path)
-    p.add_argument("row", type=int, help="row number from 0 (in a job array: $SLURM_ARRAY_TASK_ID)")
-    p.add_argument("--runs-dir", type=Path, default=Path("runs/sweep"), help="parent of the run directories")
-    p = sub.add_parser("gather", help="table and plot of finished runs")
-    p.add_argument("paths", type=Path, nargs="+", help="run directories or directories holding them")
-    p.add_argument("--plot", type=Path, default=None, help="write the accuracy plot to this PNG")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args, rest = build_parser().parse_known_args(argv)
-    if args.command == "run":
-        return run_row(args.sweep_file, args.row, args.runs_dir, rest)
-    if rest:
-        raise UserError(f"unknown options for gather: {' '.join(rest)}")
-    gather(args.paths, args.plot)
-    return 0
-
-
-# %% tags=["active-py"]
-if __name__ == "__main__":
-    run_cli(main)
-
-# %% [markdown]
-# ## Try it: two runs at once
-#
-# We start both rows of the sweep file at the same time, as the two job steps of
-# `slurm/sweep_steps.sbatch` would, each restricted to one CPU thread (on the cluster:
-# one GPU each). Then we gather them.
-
-# %% tags=["active-ipynb"]
-# import os
-# import subprocess
-# from data import make_synthetic
-# if not Path(data_dir).exists():
-#     make_synthetic(data_dir, classes=10, per_class=(40, 10, 10), image_size=image_size)
-# common = ["--data", data_dir, "--arch", "resnet18", "--weights", "none", "--image-size", str(image_size),
-#           "--epochs", str(epochs), "--workers", "0", "--overwrite"]  # --overwrite: running again replaces the runs
-# env = {**os.environ, "OMP_NUM_THREADS": "1"}
-# jobs = [subprocess.Popen([sys.executable, "../scripts/sweep.py", "run", sweep_file, str(row), "--runs-dir", runs_dir,
-#                           *common], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-#         for row in range(len(read_sweep(sweep_file)))]
-# for job in jobs:
-#     print(job.communicate()[0].strip().splitlines()[-1])
-#     assert job.returncode == 0
 
 # %% tags=["active-ipynb"]
 # summaries = gather([runs_dir])
@@ -304,5 +296,55 @@ if __name__ == "__main__":
 # ```
 # </details>
 #
-# **2.** Add a third row to a copy of `slurm/sweep.csv` with another batch size. Which
-# `#SBATCH` line of `slurm/sweep_array.sbatch` must change to run it?
+# **2.** You add a third row to `slurm/sweep.csv`. `slurm/sweep_array.sbatch` has
+# `#SBATCH --array=0-1`: what must that line say to run all three rows?
+
+# %% tags=["active-ipynb"]
+# array_line = None  # your answer: the whole line, a string
+
+# %% tags=["active-ipynb"]
+# if isinstance(array_line, str) and array_line.replace("#SBATCH", "").split("#")[0].strip() == "--array=0-2":
+#     print("Correct: array task ids are the row numbers, 0 to 2 for three rows.")
+# else:
+#     print("Not yet. Hint: the task ids count from 0 and name rows of the sweep file; `#SBATCH --array=FIRST-LAST`.")
+
+# %% [markdown]
+# <details><summary>Solution</summary>
+#
+# ```python
+# array_line = "#SBATCH --array=0-2"
+# ```
+# </details>
+
+
+# %% [markdown]
+# ## Appendix: the command-line tool
+
+# %%
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sweep.py", description="Run one row of a sweep; gather runs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="train with the settings of one row of a sweep file",
+                       epilog="Options after ROW go to train.py, e.g. --data DIR --epochs 5.")
+    p.add_argument("sweep_file", type=Path)
+    p.add_argument("row", type=int, help="row number from 0 (in a job array: $SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs/sweep"), help="parent of the run directories")
+    p = sub.add_parser("gather", help="table and plot of finished runs")
+    p.add_argument("paths", type=Path, nargs="+", help="run directories or directories holding them")
+    p.add_argument("--plot", type=Path, default=None, help="write the accuracy plot to this PNG")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = build_parser().parse_known_args(argv)
+    if args.command == "run":
+        return run_row(args.sweep_file, args.row, args.runs_dir, rest)
+    if rest:
+        raise UserError(f"unknown options for gather: {' '.join(rest)}")
+    gather(args.paths, args.plot)
+    return 0
+
+
+# %% tags=["active-py"]
+if __name__ == "__main__":
+    run_cli(main)

@@ -13,15 +13,10 @@
 # ---
 
 # %% [markdown]
-# # 5. DataParallel: several GPUs from one process
+# # 6. DataParallel: several GPUs from one process (optional)
 #
-# `nn.DataParallel` is the one-line way to use every GPU of one node:
-#
-# ```python
-# model = nn.DataParallel(model)   # that's it
-# ```
-#
-# What it does in **every step**:
+# `nn.DataParallel` is the one-line way to use every GPU of one node. What it does in
+# **every step**:
 #
 # 1. copies (*replicates*) the model's weights from GPU 0 to every other GPU;
 # 2. splits (*scatters*) the batch into one slice per GPU;
@@ -29,17 +24,16 @@
 # 4. collects (*gathers*) all outputs on GPU 0, where the loss is computed, and the
 #    gradients flow back and are summed on GPU 0, which alone runs the optimizer.
 #
-# So GPU 0 does more work than the others, the weights are re-sent every step, and the
-# threads share one Python interpreter (the GIL). That is why the original workshop saw
-# 2 GPUs bring ~30 min down only to ~20 min, and why PyTorch recommends
-# DistributedDataParallel (next notebook) even on a single node. DataParallel is still
-# worth a look: it is the simplest picture of data parallelism.
+# So GPU 0 does more work than the others, the weights are sent again every step, and
+# the threads share one Python interpreter (the GIL). PyTorch recommends
+# DistributedDataParallel (next lesson) even on a single node; DataParallel is the
+# simplest picture of data parallelism, which is why it is here.
 #
-# Here `--batch-size` is the **global** batch: DataParallel splits it between the GPUs.
+# **You will learn to:**
+# - switch on DataParallel in `train.py` and read how it splits a batch;
+# - name what it repeats in every step that DDP does once or never.
 #
-# ```bash
-# python scripts/train_dp.py --data data/birds --arch resnet152 --batch-size 128   # all visible GPUs
-# ```
+# **Time:** about 10 minutes. Optional: lesson 7 (DDP) does not need it.
 
 # %% tags=["parameters", "active-ipynb"]
 # data_dir = "../data/birds-synthetic"
@@ -54,67 +48,39 @@
 # import sys
 # sys.path.insert(0, "../scripts")
 
-# %%
-from __future__ import annotations
-
-import torch
-from torch import nn
-
-from data import run_cli
-from train import Runtime, StopRequest, fit, parse_args, pick_device, summary_line
-
 # %% [markdown]
-# ## The only change: how the model is wrapped
+# ## The lines in `train.py`
 #
-# The training loop is `train.fit`; DataParallel changes only `Runtime.wrap_model`. The
-# optimizer, the checkpoints and validation keep using the unwrapped model, so a
-# checkpoint written here loads into `train.py` and back.
-#
-# With fewer than two GPUs there is nothing to split, and the script says so and trains
-# on the one device.
+# DataParallel is one wrapper around the model, in `wrap_model`. The optimizer, the
+# checkpoints and validation keep using the unwrapped model, so a checkpoint written
+# with DataParallel loads into a single-device run and back. Here `--batch-size` is the
+# **global** batch: DataParallel splits it between the GPUs.
 
-# %%
-class DataParallelRuntime(Runtime):
-    def wrap_model(self, model: nn.Module, cfg) -> nn.Module:
-        gpus = torch.cuda.device_count() if self.device.type == "cuda" else 0
-        if gpus < 2:
-            self.log(f"notice: DataParallel needs 2 or more GPUs, {gpus} visible: training on {self.device} alone")
-            return model
-        self.log(f"DataParallel over {gpus} GPUs: {cfg.batch_size // gpus} images per GPU per step")
-        return nn.DataParallel(model)
-
-
-def main(argv: list[str] | None = None) -> int:
-    stop = StopRequest().install()  # checkpoint and requeue before the time limit (train.py)
-    cfg = parse_args(argv)
-    device, notices = pick_device(cfg.device)
-    print(summary_line(fit(cfg, DataParallelRuntime(device=device, notices=notices), stop)), flush=True)
-    return 0
-
-
-# %% tags=["active-py"]
-if __name__ == "__main__":
-    run_cli(main)
+# %% tags=["active-ipynb"]
+# import inspect
+# import train
+# source = inspect.getsource(train.wrap_model)
+# print(source[source.index("    elif cfg.data_parallel"):source.index("    return torch.compile")])
 
 # %% [markdown]
 # ## Try it
 #
-# On a CPU, or with one GPU, this is single-device training with one extra notice line.
-# On a node with several GPUs, watch `nvidia-smi` in a terminal while it runs: GPU 0's
-# memory is higher than the others', because the outputs and the optimizer live there.
+# On a CPU, or with one GPU, this is single-device training with one notice line. On a
+# node with several GPUs, watch `nvidia-smi` in a terminal while it runs: GPU 0's memory
+# is higher than the others', because the outputs and the optimizer live there.
 
 # %% tags=["active-ipynb"]
 # from pathlib import Path
-# from data import make_synthetic
 # if not Path(data_dir).exists():
-#     make_synthetic(data_dir, classes=10, per_class=(40, 10, 10), image_size=image_size)
-# cfg = parse_args(["--data", data_dir, "--arch", "resnet18", "--weights", "none", "--image-size", str(image_size),
-#                   "--epochs", str(epochs), "--batch-size", str(batch_size), "--workers", str(workers),
-#                   "--out", out_dir, "--overwrite"])  # --overwrite: running the notebook again replaces the run
-# device, notices = pick_device(cfg.device)
-# print(summary_line(fit(cfg, DataParallelRuntime(device=device, notices=notices))))
+#     !{sys.executable} ../scripts/data.py synthetic {data_dir} --classes 10 --image-size {image_size}
+# !{sys.executable} ../scripts/train.py --data-parallel --data {data_dir} --arch resnet18 --weights none \
+#     --image-size {image_size} --epochs {epochs} --batch-size {batch_size} --workers {workers} \
+#     --out {out_dir} --overwrite
 
 # %% [markdown]
+# Look at: the `notice: DataParallel needs 2 or more GPUs` line on a machine without
+# them, and `processes 1`: one process, whatever the number of GPUs.
+#
 # ## Exercises
 #
 # **1.** With `--batch-size 96` on a node with 4 GPUs, how many images does each GPU
@@ -135,5 +101,30 @@ if __name__ == "__main__":
 # ```
 # </details>
 #
-# **2.** Name two things DataParallel does in every step that DistributedDataParallel
-# does only once, or never. (Replicating the weights; gathering outputs on one GPU.)
+# **Discuss:** name two things DataParallel does in every step that
+# DistributedDataParallel does once, or never.
+#
+# <details><summary>Model answer</summary>
+#
+# It copies the weights from GPU 0 to every GPU in every step (DDP copies them once, at
+# the start, and then keeps the replicas identical by averaging gradients); and it
+# gathers every output on GPU 0 to compute the loss there (DDP computes each process's
+# loss on its own GPU and never gathers outputs). A third: its threads share one Python
+# interpreter, where DDP has one process per GPU.
+# </details>
+#
+# ## Appendix: the old command
+#
+# `python scripts/train_dp.py` still works: it is `train.py --data-parallel`.
+
+# %%
+def main(argv: list[str] | None = None) -> int:
+    import sys
+    import train  # train.py imports nothing from here
+    return train.main(["--data-parallel", *(sys.argv[1:] if argv is None else argv)])
+
+
+# %% tags=["active-py"]
+if __name__ == "__main__":
+    from data import run_cli
+    run_cli(main)

@@ -2,6 +2,12 @@
 
     python tests/lessons.py                 # the table, from the notebooks as committed
     python tests/lessons.py --executed DIR  # also first output, from executed copies DIR/<name>.ipynb
+    python tests/lessons.py --measure [NAME ...]  # run notebooks as shipped, record their run time
+
+A notebook's time estimate is the same for every notebook: reading its markdown at 200 words a
+minute, plus its measured run time with the parameters it ships with (what a learner runs, on
+the test machine: 2 cores; `--measure` records it in docs/lesson-times.json with a hash of the
+code, so that a changed notebook asks to be measured again), plus 5 minutes per exercise.
 
 The *lesson flow* is every code cell a learner reads on the way through: not collapsed
 (JupyterLab's `source_hidden` cell metadata) and not in the appendix (from the first markdown
@@ -10,13 +16,20 @@ heading that starts with "Appendix" to the end). Lines are non-blank lines.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
+TIMES = ROOT / "docs" / "lesson-times.json"
 
 MAX_CELL_LINES = 25         # a lesson-flow code cell fits on one screen
 FIRST_OUTPUT_WITHIN = 5     # something runs and shows a result within the first code cells
@@ -25,6 +38,9 @@ READING_WORDS_PER_MINUTE = 200
 MINUTES_PER_EXERCISE = 5
 STATED_TIME = re.compile(r"\*\*Time:\*\*\s*about\s+(\d+)\s*min", re.I)
 EXERCISE_CHECK = re.compile(r"Not yet\. Hint:")
+DISCUSS = re.compile(r"\*\*Discuss:\*\*")
+MODEL_ANSWER = re.compile(r"<details>\s*<summary>\s*Model answer\s*</summary>", re.S)
+NUMBERED_EXERCISE = re.compile(r"^\*\*(\d+)\.\*\*", re.M)
 
 
 def nonblank(source: str) -> int:
@@ -54,6 +70,9 @@ class Lesson:
     hidden_lines: int = 0             # collapsed or appendix
     words: int = 0                    # of the markdown cells before the appendix
     exercises: int = 0
+    numbered: int = 0                 # exercises numbered **N.** in the markdown
+    discuss: int = 0                  # **Discuss:** prompts
+    model_answers: int = 0
     stated_minutes: int | None = None
     first_output_cell: int | None = None   # 1-based among code cells; None: not measured
     lines_before_output: int | None = None
@@ -77,6 +96,9 @@ def measure(notebook: Path, executed: Path | None = None) -> Lesson:
         if cell["cell_type"] == "markdown":
             if not in_appendix:
                 lesson.words += len(text.split())
+            lesson.numbered += len(NUMBERED_EXERCISE.findall(text))
+            lesson.discuss += len(DISCUSS.findall(text))
+            lesson.model_answers += len(MODEL_ANSWER.findall(text))
             if lesson.stated_minutes is None and (found := STATED_TIME.search(text)):
                 lesson.stated_minutes = int(found.group(1))
             continue
@@ -94,22 +116,59 @@ def measure(notebook: Path, executed: Path | None = None) -> Lesson:
             lesson.long_cells.append(index)
     if executed is not None and executed.is_file():
         add_execution(lesson, cells, json.loads(executed.read_text())["cells"])
+    recorded = recorded_times().get(notebook.stem, {})
+    lesson.run_seconds = recorded.get("seconds") if recorded.get("code") == code_hash(cells) else None
     return lesson
 
 
+def code_hash(cells: list[dict]) -> str:
+    """What decides a notebook's run time: its code cells."""
+    code = "\n\0".join(source_of(c) for c in cells if c["cell_type"] == "code")
+    return hashlib.sha256(code.encode()).hexdigest()[:16]
+
+
+def recorded_times() -> dict:
+    return json.loads(TIMES.read_text()) if TIMES.is_file() else {}
+
+
+def measure_run_time(name: str) -> float:
+    """Run notebooks/<name>.ipynb as shipped (its own parameters, in notebooks/, CPU only), as a
+    learner would; the seconds it took. Its outputs go to a temporary copy."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "WANDB_"))}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "papermill", "--no-progress-bar", "--cwd", str(NOTEBOOKS),
+                               str(NOTEBOOKS / f"{name}.ipynb"), str(Path(tmp) / f"{name}.ipynb")],
+                              capture_output=True, text=True, env=env)
+        seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"notebooks/{name}.ipynb failed: {done.stderr[-2000:]}")
+    return seconds
+
+
+def record_times(names: list[str]) -> None:
+    times = recorded_times()
+    for name in names:
+        cells = json.loads((NOTEBOOKS / f"{name}.ipynb").read_text())["cells"]
+        seconds = measure_run_time(name)
+        times[name] = {"seconds": round(seconds, 1), "code": code_hash(cells)}
+        print(f"{name}: {seconds:.0f} s")
+        TIMES.write_text(json.dumps(dict(sorted(times.items())), indent=2) + "\n")
+
+
 def add_execution(lesson: Lesson, cells: list[dict], ran: list[dict]) -> None:
-    """First cell with output and total run time, from an executed copy of the notebook."""
-    code_seen, flow_lines, seconds = 0, 0, 0.0
+    """The first code cell with output, from an executed copy of the notebook (papermill's injected
+    parameters cell is not counted: a learner does not see it)."""
+    code_seen, flow_lines = 0, 0
     for cell in ran:
-        if cell["cell_type"] != "code":
+        if cell["cell_type"] != "code" or "injected-parameters" in cell.get("metadata", {}).get("tags", []):
             continue
         code_seen += 1
-        seconds += cell_seconds(cell)
         if lesson.first_output_cell is None and visible_output(cell):
             lesson.first_output_cell, lesson.lines_before_output = code_seen, flow_lines
         if not is_collapsed(cell):
             flow_lines += nonblank(source_of(cell))
-    lesson.run_seconds = seconds
 
 
 def visible_output(cell: dict) -> bool:
@@ -119,11 +178,6 @@ def visible_output(cell: dict) -> bool:
         if output.get("output_type") in ("display_data", "execute_result"):
             return True
     return False
-
-
-def cell_seconds(cell: dict) -> float:
-    duration = cell.get("metadata", {}).get("papermill", {}).get("duration")
-    return float(duration) if duration is not None else 0.0
 
 
 def notebooks() -> list[Path]:
@@ -146,7 +200,11 @@ def table(lessons: list[Lesson]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--executed", type=Path, help="folder of executed copies <name>.ipynb")
+    parser.add_argument("--measure", nargs="*", metavar="NAME",
+                        help="run these notebooks (all without a name) and record their run time")
     args = parser.parse_args()
+    if args.measure is not None:
+        record_times(args.measure or [nb.stem for nb in notebooks()])
     lessons = [measure(nb, args.executed / nb.name if args.executed else None) for nb in notebooks()]
     print(table(lessons))
 

@@ -11,6 +11,7 @@ import torch
 import benchmark
 import data
 import sweep
+import speed
 import train
 from conftest import ROOT, one_line_exit_2, tiny_train_args
 
@@ -97,8 +98,9 @@ def test_features_are_assembled_from_every_rank_share(tiny_data, standin_weights
     cfg = train.parse_args([str(a) for a in tiny_train_args(tiny_data, "unused", "--weights", standin_weights)])
     model = train.build_model("resnet18", 6, str(standin_weights), log=lambda *a: None)
     valid = data.load_splits(tiny_data, 32, splits=("valid",))["valid"]
-    whole = train.backbone_features(model, valid, cfg, train.Runtime(torch.device("cpu")), None)
-    shares = [train.backbone_features(model, valid, cfg, train.Runtime(torch.device("cpu"), rank=r, world_size=3), None)
+    cpu = torch.device("cpu")
+    whole = speed.backbone_features(model, valid, data.ShardSampler(len(valid)), cfg, cpu, None)
+    shares = [speed.backbone_features(model, valid, data.ShardSampler(len(valid), r, 3), cfg, cpu, None)
               for r in range(3)]
     for i, tensor in enumerate(whole.tensors):
         assert torch.allclose(sum(share.tensors[i] for share in shares), tensor, atol=1e-5)

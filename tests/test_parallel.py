@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+import data
 import model
 import sweep
 import train
 import train_ddp
-import train_dp
 from conftest import TINY, cpu_env, run_script, run_torchrun, tiny_train_args
 
 GLOBAL_BATCH = 12  # 96 training images: 8 steps per epoch for 1, 2 and 3 processes
@@ -39,9 +40,9 @@ def runs(odd_data, standin_weights, tmp_path_factory) -> dict[str, Path]:
     results = {
         "single": run_script("train.py", *args("single", GLOBAL_BATCH)),
         "dp": run_script("train_dp.py", *args("dp", GLOBAL_BATCH)),
-        "ddp1": run_torchrun(1, "train_ddp.py", *args("ddp1", GLOBAL_BATCH)),
-        "ddp2": run_torchrun(2, "train_ddp.py", *args("ddp2", GLOBAL_BATCH // 2)),
-        "ddp3": run_torchrun(3, "train_ddp.py", *args("ddp3", GLOBAL_BATCH // 3)),
+        "ddp1": run_torchrun(1, "train.py", *args("ddp1", GLOBAL_BATCH)),
+        "ddp2": run_torchrun(2, "train.py", *args("ddp2", GLOBAL_BATCH // 2)),
+        "ddp3": run_torchrun(3, "train.py", *args("ddp3", GLOBAL_BATCH // 3)),
     }
     for name, result in results.items():
         assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
@@ -65,8 +66,8 @@ def test_ddp_ends_with_the_weights_of_one_process_with_the_global_batch(runs, st
 
 
 def test_dataparallel_without_gpus_says_so_and_trains_as_train_py_does(runs):
-    """Without 2 GPUs train_dp.py builds no nn.DataParallel (it needs CUDA to scatter): it says so
-    and trains on one device. nn.DataParallel itself runs only on 2 or more GPUs, in
+    """Without 2 GPUs, train.py --data-parallel (here through train_dp.py) builds no nn.DataParallel
+    (it needs CUDA to scatter): it says so and trains on one device. nn.DataParallel itself runs only on 2 or more GPUs, in
     slurm/gpu_check.sbatch; its weights are compared with one device's nowhere on CPUs."""
     single, dp = weights(runs["single"]), weights(runs["dp"])
     assert all(torch.equal(single[k], dp[k]) for k in single)
@@ -77,7 +78,8 @@ def test_dataparallel_without_gpus_says_so_and_trains_as_train_py_does(runs):
 def test_dataparallel_wraps_the_model_only_with_two_or_more_gpus(monkeypatch, capsys, gpus, wrapped):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     net = torch.nn.Linear(2, 2)
-    got = train_dp.DataParallelRuntime(device=torch.device("cuda")).wrap_model(net, argparse.Namespace(batch_size=32))
+    cfg = argparse.Namespace(batch_size=32, data_parallel=True, compile=False)
+    got = train.wrap_model(net, cfg, ddp=False, device=torch.device("cuda"))
     assert isinstance(got, torch.nn.DataParallel) == wrapped and (got.module if wrapped else got) is net
     expected = f"DataParallel over {gpus} GPUs: {32 // gpus} images per GPU" if wrapped else \
         f"notice: DataParallel needs 2 or more GPUs, {gpus} visible: training on cuda alone"
@@ -104,40 +106,40 @@ def test_only_rank_0_reports_but_every_rank_says_where_it_runs(runs):
     assert sorted(line.split()[1] for line in stdout.splitlines() if line.startswith("rank ")) == ["0/3", "1/3", "2/3"]
     assert stdout.count("summary: ") == 1 and stdout.count("run directory") == 1
     assert "processes 3 | batch per process 4 | global batch 12 | lr 0.01" in stdout
-    config = train.json.loads((runs["ddp3"] / "config.json").read_text())
+    config = json.loads((runs["ddp3"] / "config.json").read_text())
     assert config["world_size"] == 3 and config["global_batch_size"] == 12
 
 
 # --- launcher detection --------------------------------------------------------------------
 
 def test_srun_is_detected_from_slurm_variables():
-    launch = train_ddp.detect_launch({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
+    launch = train.detect_launch({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
                                       "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "gpu[07-08,11],cpu3",
                                       "SLURM_JOB_ID": "123456"})
-    assert launch == train_ddp.Launch("srun", 5, 1, 8, "gpu07", 20000 + 123456 % 20000)
+    assert launch == train.Launch("srun", 5, 1, 8, "gpu07", 20000 + 123456 % 20000)
 
 
 def test_two_jobs_get_different_ports():
-    assert train_ddp.port_for_job("1001") != train_ddp.port_for_job("1002")
-    assert 20000 <= train_ddp.port_for_job("99999999") < 40000
+    assert train.port_for_job("1001") != train.port_for_job("1002")
+    assert 20000 <= train.port_for_job("99999999") < 40000
 
 
 def test_torchrun_is_detected_from_its_variables():
-    launch = train_ddp.detect_launch({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "node1",
+    launch = train.detect_launch({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "node1",
                                       "MASTER_PORT": "29400", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0"})
-    assert launch == train_ddp.Launch("torchrun", 3, 1, 4, "node1", 29400)
+    assert launch == train.Launch("torchrun", 3, 1, 4, "node1", 29400)
 
 
 def test_plain_python_and_a_batch_script_without_srun_are_one_process():
-    assert train_ddp.detect_launch({}) == train_ddp.Launch("python", 0, 0, 1)
+    assert train.detect_launch({}) == train.Launch("python", 0, 0, 1)
     batch_step = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "node[1-2]"}  # no step id
-    assert train_ddp.detect_launch(batch_step).world_size == 1
+    assert train.detect_launch(batch_step).world_size == 1
 
 
 @pytest.mark.parametrize("nodelist,first", [("node1", "node1"), ("node[1-2]", "node1"), ("a01,a02", "a01"),
                                             ("gpu-[003-004]", "gpu-003")])
 def test_first_host_of_a_node_list(nodelist, first):
-    assert train_ddp.first_host(nodelist) == first
+    assert train.first_host(nodelist) == first
 
 
 # --- independent runs ------------------------------------------------------------------------
@@ -173,8 +175,8 @@ def test_a_dist_timeout_that_is_not_positive_is_one_line(tiny_data, tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "--dist-timeout 0 is out of range" in result.stderr
     for timeout in ("-5", "nan", "inf"):
-        with pytest.raises(train_ddp.UserError, match=f"--dist-timeout {timeout} is out of range"):
-            train_ddp.parse_ddp_args(["--dist-timeout", timeout])
+        with pytest.raises(data.UserError, match=f"--dist-timeout {timeout} is out of range"):
+            train.parse_args(["--dist-timeout", timeout])
 
 
 HIDE_LAST_PT_FROM_RANK_1 = """

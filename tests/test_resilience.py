@@ -85,7 +85,7 @@ def test_ddp_stops_on_every_rank_when_one_rank_is_signalled_and_resumes_exactly(
 
     port = free_port()
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-               "--master-addr", "127.0.0.1", "--master-port", str(port), SCRIPTS / "train_ddp.py",
+               "--master-addr", "127.0.0.1", "--master-port", str(port), SCRIPTS / "train.py",
                *ddp_args(tmp_path / "run")]
     lines: list[str] = []
     process = start(command)
@@ -96,9 +96,9 @@ def test_ddp_stops_on_every_rank_when_one_rank_is_signalled_and_resumes_exactly(
     assert "stopped: stopped at epoch 1 step 10 on SIGUSR1" in "".join(lines)
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["partial"]["step"] == 10
 
-    resumed = run_torchrun(2, "train_ddp.py", *ddp_args(tmp_path / "run", "--resume"))
+    resumed = run_torchrun(2, "train.py", *ddp_args(tmp_path / "run", "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight = run_torchrun(2, "train_ddp.py", *ddp_args(tmp_path / "straight"))
+    straight = run_torchrun(2, "train.py", *ddp_args(tmp_path / "straight"))
     assert straight.returncode == 0
     assert_same_run(tmp_path / "run", tmp_path / "straight")
 
@@ -112,7 +112,7 @@ def wait_for_training(process: subprocess.Popen, lines: list[str]) -> dict[str, 
 
 def test_torchrun_ends_the_other_ranks_and_names_the_dead_one(tiny_data, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), SCRIPTS / "train_ddp.py",
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), SCRIPTS / "train.py",
                *tiny_train_args(tiny_data, tmp_path / "run", "--epochs", 50)]
     lines: list[str] = []
     process = start(command)
@@ -131,7 +131,7 @@ def test_without_a_watching_launcher_the_survivor_fails_within_the_timeout(tiny_
     processes = []
     for rank in (0, 1):
         env = cpu_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        processes.append(start([sys.executable, SCRIPTS / "train_ddp.py", "--dist-timeout", "20",
+        processes.append(start([sys.executable, SCRIPTS / "train.py", "--dist-timeout", "20",
                                 *tiny_train_args(tiny_data, tmp_path / "run", "--epochs", 50)], env=env))
     lines: list[str] = []
     wait_for_training(processes[0], lines)
@@ -148,10 +148,9 @@ def test_without_a_watching_launcher_the_survivor_fails_within_the_timeout(tiny_
 # --- broken input -----------------------------------------------------------------------------
 
 def test_more_ranks_than_validation_images_is_a_clear_error():
-    rt = train.Runtime(device=torch.device("cpu"), world_size=8)
     cfg = train.parse_args(["--batch-size", "1", "--workers", "0"])
     with pytest.raises(data.UserError, match="8 processes but only 5 validation images: use fewer processes"):
-        train.check_sizes(cfg, rt, train_size=100, val_size=5)
+        train.check_sizes(cfg, 8, train_size=100, val_size=5)
 
 
 def test_resume_refuses_a_checkpoint_with_another_class_count(tiny_data, tmp_path):

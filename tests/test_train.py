@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import resilience
 import train
 from conftest import TINY, cpu_env, run_script, tiny_train_args
 
@@ -90,7 +91,7 @@ def test_bad_arguments_are_one_line_and_exit_2(tiny_data, tmp_path, args, messag
 @pytest.mark.parametrize("args,message", [
     (["--device", "mps"], "--device 'mps' is not one the course trains on: use auto, cpu, cuda or cuda:N"),
     (["--device", "meta"], "--device 'meta' is not one the course trains on"),
-    (["--weight-decay", "-1"], "--weight-decay -1.0 is out of range"),
+    (["--weight-decay", "-1"], "--weight-decay -1 is out of range"),
     (["--weight-decay", "nan"], "--weight-decay nan is out of range"),
     (["--lr", "inf"], "--lr inf is out of range"),
     (["--seed", str(10**20)], f"--seed {10**20} is out of range"),
@@ -155,7 +156,7 @@ def test_wandb_offline_logs_the_config_without_network(tiny_data, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     starts = sorted((out / "wandb").glob("offline-run-*"))  # offline-run-<date>_<time>-<id>
     ids = {p.name.split("-", 3)[3] for p in starts}
-    assert len(starts) == 2 and len(ids) == 1 and ids == {train.wandb_run_id(out)}
+    assert len(starts) == 2 and len(ids) == 1 and ids == {resilience.wandb_run_id(out)}
 
 
 @pytest.mark.parametrize("device,bf16_gpu,amx,amp,expected", [
@@ -290,7 +291,7 @@ def test_a_kill_between_the_writes_of_an_epoch_loses_nothing(tiny_data, tmp_path
     """Killed after last.pt of the last epoch; a resume restores its metrics line and best.pt."""
     expected = train.read_metrics(uninterrupted)
     assert max(m["val_acc"] for m in expected) == expected[1]["val_acc"]  # epoch 2 is the best: best.pt changes
-    save, append = train.save_checkpoint, train.append_metrics
+    save, append = resilience.save_checkpoint, resilience.append_metrics
 
     def save_or_die(path, state):
         if path.name == "best.pt" and state["epoch"] == 2 and kill_before == "best.pt":
@@ -302,8 +303,8 @@ def test_a_kill_between_the_writes_of_an_epoch_loses_nothing(tiny_data, tmp_path
             raise Killed
         append(out, record)
 
-    monkeypatch.setattr(train, "save_checkpoint", save_or_die)
-    monkeypatch.setattr(train, "append_metrics", append_or_die)
+    monkeypatch.setattr(resilience, "save_checkpoint", save_or_die)
+    monkeypatch.setattr(resilience, "append_metrics", append_or_die)
     out = tmp_path / "run"
     with pytest.raises(Killed):
         fit(tiny_data, out, "--epochs", 2, "--max-steps", 3, "--lr", 0.003)
@@ -396,7 +397,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"error: cannot write {out / 'last.pt'} (the write failed): the disk at ")
     assert " free and this file needs about 134" in result.stderr and "the previous last.pt is kept" in result.stderr
-    assert (out / "last.pt").read_bytes() == before and train.stale_temp_files(out) == []
+    assert (out / "last.pt").read_bytes() == before and resilience.stale_temp_files(out) == []
 
 
 @pytest.mark.parametrize("content", ["garbage", "state dict", "pickle"])

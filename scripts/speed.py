@@ -1,0 +1,281 @@
+# ---
+# jupyter:
+#   jupytext:
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 8. Speed switches: one flag each
+#
+# `train.py` learns the same thing however it is switched; these options change only
+# how fast. Each is one flag, and each has a reason to help and a case where it does not.
+# The next lesson, `benchmark`, measures them one at a time on your hardware.
+#
+# **You will learn to:**
+# - use mixed precision (bf16, or fp16 with a gradient scaler) and know when a CPU makes it slower;
+# - switch on `channels_last`, cuDNN autotuning and `torch.compile`;
+# - skip the frozen backbone's work after the first epoch (cached features);
+# - move JPEG decoding to the GPU, and record a profile of training steps.
+#
+# **Time:** about 20 minutes. Core path: mixed precision and cached features; the others
+# are optional.
+#
+# | flag | what it changes | why it can help | when it does not |
+# |---|---|---|---|
+# | `--amp bf16\|fp16` | matrix products in 16 bits | tensor cores, half the bytes | CPUs without bf16 hardware emulate it |
+# | `--channels-last` | NHWC memory layout | convolution kernels prefer it | layers without support convert back and forth |
+# | `--cudnn-benchmark` | cuDNN times its algorithms once | the default is not always fastest | needs CUDA; changing shapes re-time |
+# | `--compile` | `torch.compile` fuses operations | fewer kernel launches, less memory traffic | compiles first (seconds to minutes) |
+# | `--cache-features` | the frozen backbone runs once | it is nearly all the work | not with `--finetune` or `--augment` |
+# | `--gpu-decode` | JPEGs decoded by the GPU | frees the CPUs | needs CUDA |
+# | `--profile DIR` | a `torch.profiler` trace of steps 2–5 | shows where time goes | |
+#
+# This notebook is also `scripts/speed.py`, which `train.py` imports.
+
+# %% tags=["parameters", "active-ipynb"]
+# data_dir = "../data/birds-synthetic"
+# image_size = 64
+# batch_size = 16
+# out_dir = "../runs/notebook-speed"
+
+# %% tags=["active-ipynb"]
+# # The notebooks import each other's code from their exports in ../scripts.
+# import sys
+# sys.path.insert(0, "../scripts")
+
+# %% jupyter={"source_hidden": true}
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+from data import ShardSampler, make_loader
+from resilience import sum_over_ranks
+
+# %% [markdown]
+# ## Try it: the same run, two switches
+#
+# One epoch of the small model, first as it is, then with mixed precision and the
+# `channels_last` layout. Compare the `img/s` of the two last lines, and their losses.
+
+# %% tags=["active-ipynb"]
+# from pathlib import Path
+# if not Path(data_dir).exists():
+#     !{sys.executable} ../scripts/data.py synthetic {data_dir} --classes 10 --image-size {image_size}
+# common = f"--data {data_dir} --arch resnet18 --weights none --image-size {image_size} --epochs 1 " \
+#          f"--batch-size {batch_size} --workers 1 --overwrite"
+# !{sys.executable} ../scripts/train.py {common} --out {out_dir}-plain | tail -n 1
+# !{sys.executable} ../scripts/train.py {common} --out {out_dir}-fast --amp bf16 --channels-last | tail -n 1
+
+# %% [markdown]
+# Look at: on a GPU the second run is faster. On most CPUs it is *slower*: bf16 needs
+# matrix hardware that most CPUs lack (see below). A switch is worth keeping only where
+# it is measured to help, which is what the `benchmark` lesson does row by row.
+#
+# ## Mixed precision
+#
+# On GPUs, bf16 autocast roughly doubles the speed of the convolutions (tensor cores) at
+# no cost in accuracy; older GPUs without fast bf16 use fp16 with a gradient scaler, which
+# keeps small gradients from rounding to zero. On most CPUs bf16 is *slower* than fp32:
+# emulated on AVX2-only CPUs (about 30x slower), and still 0.8x with AVX512-BF16 on the
+# test machine (`docs/performance.md`). Only CPUs with AMX matrix units (Intel Xeon 4th
+# generation and later) have bf16 hardware built for it, so `auto` uses bf16 on those
+# and leaves it off on every other CPU.
+
+# %%
+def pick_precision(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full fp32."""
+    if amp == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_amx() else None
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Matrix products in dtype inside this block; nothing changes with dtype None (fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# %% jupyter={"source_hidden": true}
+def cpu_has_amx() -> bool:
+    """Intel AMX tiles: the CPU matrix units that make bf16 fast (a private PyTorch probe)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+# %% [markdown]
+# ## Memory layout, cuDNN autotuning, compilation
+#
+# `--channels-last` stores images and weights as NHWC (the channels of a pixel next to
+# each other), the layout that GPU tensor-core kernels and oneDNN on CPUs prefer.
+# `--cudnn-benchmark` lets cuDNN time its convolution algorithms once per input shape and
+# keep the fastest; our images always have the same size, so that search happens in the
+# first steps only. `--compile` hands the model to `torch.compile`, which fuses
+# element-wise operations into fewer kernels; it compiles during the first steps.
+
+# %%
+def to_device(images, labels, device: torch.device, channels_last: bool):
+    """A batch on the training device; non_blocking lets the CPU go on while the copy runs."""
+    images = images.to(device, non_blocking=True)
+    if channels_last and images.dim() == 4:  # not for cached features (--cache-features)
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=True)
+
+
+def set_cudnn_benchmark(on: bool) -> None:
+    torch.backends.cudnn.benchmark = on  # a process-wide switch: set it for every run, on or off
+
+
+# %% [markdown]
+# ## Cached features: the frozen backbone's work, once
+#
+# A frozen backbone in evaluation mode gives the same features for an image in every
+# epoch. Without random augmentation they can be computed **once** (each process its
+# share; a sum across processes gives everyone all of them), and every epoch then trains
+# only the head on them, in the same order, to the same weights. Not with `--finetune`
+# (the backbone changes every step) nor with `--augment` (every epoch sees other pixels).
+
+# %%
+@torch.no_grad()  # not inference_mode: the head trains on these tensors later
+def backbone_features(model, dataset, sampler, cfg, device: torch.device, dtype) -> TensorDataset:
+    """The frozen backbone's features of every image of dataset, in its order, on every rank.
+
+    `sampler` gives this rank's share (every image on exactly one rank)."""
+    model.eval()
+    loader = make_loader(dataset, cfg.batch_size, cfg.workers, persistent_workers=False, sampler=sampler)
+    rows = torch.tensor(list(sampler), dtype=torch.long, device=device)
+    features = torch.zeros(len(dataset), model.num_features, device=device)
+    labels = torch.zeros(len(dataset), dtype=torch.long, device=device)
+    done = 0
+    for images, batch_labels in loader:
+        images, batch_labels = to_device(images, batch_labels, device, cfg.channels_last)
+        batch_rows = rows[done:done + len(batch_labels)]
+        with autocast(device, dtype):
+            features[batch_rows] = model.backbone(images).float()
+        labels[batch_rows] = batch_labels
+        done += len(batch_labels)
+    return TensorDataset(sum_over_ranks(features).cpu(), sum_over_ranks(labels).cpu())
+
+
+# %% jupyter={"source_hidden": true}
+def cached_feature_loaders(model, splits, train_sampler, cfg, device, dtype, rank=0, world_size=1, log=print):
+    """Loaders of backbone features instead of images; the same training sampler gives the same order."""
+    started = time.perf_counter()
+    train, valid = (backbone_features(model, splits[split], ShardSampler(len(splits[split]), rank, world_size),
+                                      cfg, device, dtype) for split in ("train", "valid"))
+    log(f"cached the backbone features of {len(train)} train and {len(valid)} valid images "
+        f"in {time.perf_counter() - started:.1f}s")
+    return (make_loader(train, cfg.batch_size, 0, sampler=train_sampler),
+            make_loader(valid, cfg.batch_size, 0, sampler=ShardSampler(len(valid), rank, world_size)))
+
+
+# %% [markdown]
+# ## JPEG decoding on the GPU (`--gpu-decode`)
+#
+# With many GPUs per node, the CPUs may not decode JPEGs fast enough. With
+# `--gpu-decode` the loader's workers only read each file's bytes, and the training
+# process decodes a whole batch on the GPU with nvJPEG (the classes are in the `data`
+# lesson's appendix). It needs CUDA; elsewhere the option is ignored with a notice.
+
+# %%
+def use_gpu_decode(cfg, device: torch.device, log=print) -> bool:
+    if cfg.gpu_decode and device.type != "cuda":
+        log("notice: --gpu-decode needs a CUDA device; decoding the JPEGs on the CPU as usual")
+    return cfg.gpu_decode and device.type == "cuda"
+
+
+# %% [markdown]
+# ## Where does the time go? `--profile`
+#
+# `torch.profiler` records training steps 2 to 5 of the first epoch and writes a trace
+# that https://ui.perfetto.dev (or `chrome://tracing`) opens, and a table of the most
+# expensive operations (`top-ops-rank0.txt`).
+
+# %% tags=["active-ipynb"]
+# !{sys.executable} ../scripts/train.py {common} --out {out_dir}-profile --profile > /dev/null
+# print((Path(out_dir + "-profile") / "profile" / "top-ops-rank0.txt").read_text()[:1500])
+
+# %% [markdown]
+# Look at: the operations at the top of the table. On a CPU, the convolutions
+# (`aten::mkldnn_convolution` and their backward) take most of the time: the model, not
+# the input pipeline, is the limit here.
+#
+# ## Exercise
+#
+# **1.** `--cache-features` runs the backbone once instead of once per epoch. In a
+# 4-epoch run where the backbone is 95 % of every step's time (the head 5 %), about how
+# many times faster is training with cached features? Round to one decimal.
+
+# %% tags=["active-ipynb"]
+# speedup = None  # your answer: a number
+
+# %% tags=["active-ipynb"]
+# expected = 4 * 1.0 / (0.95 + 4 * 0.05)
+# if speedup is not None and abs(speedup - expected) < 0.1:
+#     print(f"Correct: 4 epochs of full steps (4 x 1.0) against one backbone pass and 4 of the head "
+#           f"(0.95 + 4 x 0.05): {expected:.1f}x.")
+# else:
+#     print("Not yet. Hint: without caching, each epoch costs 1.0 (backbone 0.95 + head 0.05); with caching, "
+#           "the backbone runs once and the head every epoch.")
+
+# %% [markdown]
+# <details><summary>Solution</summary>
+#
+# ```python
+# speedup = round(4 * 1.0 / (0.95 + 4 * 0.05), 1)
+# ```
+# </details>
+#
+# ## Appendix: the profiler's loader
+
+# %%
+class ProfiledLoader:
+    """The training loader, with torch.profiler recording steps 2 to 5 of its first pass."""
+
+    def __init__(self, loader, directory: Path, device: torch.device, rank: int, log=print):
+        self.loader, self.directory, self.device, self.rank, self.log = loader, Path(directory), device, rank, log
+        self.done = False
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if self.done:
+            yield from self.loader
+            return
+        self.done = True
+        from torch.profiler import ProfilerActivity, profile, schedule
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+                     on_trace_ready=self.save) as profiler:
+            for batch in self.loader:
+                yield batch
+                profiler.step()
+
+    def save(self, profiler) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        trace = self.directory / f"trace-rank{self.rank}.json"
+        profiler.export_chrome_trace(str(trace))
+        order = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        (self.directory / f"top-ops-rank{self.rank}.txt").write_text(
+            profiler.key_averages().table(sort_by=order, row_limit=15) + "\n")
+        self.log(f"profiler trace written to {trace}: open it in https://ui.perfetto.dev")

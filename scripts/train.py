@@ -55,6 +55,7 @@ import json
 import os
 import platform
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -70,7 +71,8 @@ import torchvision
 from torch import nn
 from torch.utils.data import DistributedSampler, TensorDataset
 
-from data import (UserError, atomic_write, default_num_workers, load_splits, make_loader, run_cli)
+from data import (UserError, atomic_write, default_num_workers, load_splits, make_loader, run_cli,
+                  set_compute_threads)
 from model import ARCHITECTURES, build_model, count_parameters
 
 # %% [markdown]
@@ -194,22 +196,76 @@ def pick_device(requested: str = "auto") -> tuple[torch.device, list[str]]:
     """The device to train on, and a notice when CUDA was wanted but is missing."""
     if requested == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda"), []
+            check_gpu_kernels(0)
+            return torch.device("cuda"), gpu_notices()
         return torch.device("cpu"), ["notice: no CUDA device found; training on the CPU"]
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {requested}: no CUDA device is visible here; use --device cpu or auto")
     try:
-        return torch.device(requested), []
+        device = torch.device(requested)
     except RuntimeError:
         raise UserError(f"--device {requested!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        check_gpu_kernels(device.index or 0)
+        return device, gpu_notices()
+    return device, []
+
+
+# %% [markdown]
+# ### Does this PyTorch have kernels for this GPU?
+#
+# A PyTorch wheel carries compiled kernels for a list of GPU architectures
+# (`torch.cuda.get_arch_list()`, e.g. `sm_75 … sm_120`), and each new release drops the
+# oldest. The course's pinned wheel has none for a V100 (`sm_70`, Volta): there the first
+# convolution would fail with an obscure "no kernel image" error. So every training start
+# checks, and stops with one line naming the way out: the site's own PyTorch module, or a
+# build whose list includes the GPU. A kernel for `sm_XY` runs on GPUs of the same major
+# version XY and later (`sm_80` on an `sm_86`); a `compute_XY` entry (PTX) is compiled for
+# any GPU from XY on when first used. ROCm builds (AMD GPUs) name architectures differently
+# and are not checked.
+
+# %%
+def kernels_run_on(arch: str, major: int, minor: int) -> bool:
+    """Whether an entry of torch.cuda.get_arch_list() runs on a GPU of compute capability major.minor."""
+    match = re.fullmatch(r"(sm|compute)_(\d+)[a-z]?", arch)
+    if not match:
+        return False
+    code = int(match.group(2))
+    if match.group(1) == "compute":
+        return code <= major * 10 + minor
+    return code // 10 == major and code % 10 <= minor
+
+
+def check_gpu_kernels(index: int = 0) -> None:
+    """Stop with one line when this PyTorch build has no kernels for CUDA GPU `index`."""
+    if torch.version.cuda is None:  # ROCm or a CPU-only build: nothing to check
+        return
+    arch_list = torch.cuda.get_arch_list()
+    major, minor = torch.cuda.get_device_capability(index)
+    if not arch_list or any(kernels_run_on(arch, major, minor) for arch in arch_list):
+        return
+    volta = " (for Volta, sm_70: CUDA 12.6 builds kept it longest)" if (major, minor) < (7, 5) else ""
+    raise UserError(f"GPU {index} ({torch.cuda.get_device_name(index)}) is sm_{major}{minor}, but this PyTorch "
+                    f"({torch.__version__}) has kernels only for {' '.join(arch_list)}: use your site's PyTorch "
+                    "(COURSE_ENV_ACTIVATE=\"module load ...\" in slurm/site.sh) or install a PyTorch build whose "
+                    f"architecture list includes sm_{major}{minor}{volta}")
+
+
+def gpu_notices() -> list[str]:
+    """A ROCm build on AMD GPUs works like CUDA in PyTorch; the course tests it nowhere."""
+    if torch.version.hip:
+        return [f"notice: ROCm build of PyTorch (HIP {torch.version.hip}) on an AMD GPU: the course's AMD paths "
+                "are untested"]
+    return []
 
 
 # %% [markdown]
 # ## Mixed precision
 #
 # On GPUs, bf16 autocast roughly doubles the speed of the convolutions (tensor cores) at
-# no cost in accuracy; older GPUs without fast bf16 use fp16 with a gradient scaler, which
-# keeps small gradients from rounding to zero. On most CPUs bf16 is *slower* than fp32:
+# no cost in accuracy; it is native from compute capability 8.0 on (A100 and later).
+# Older GPUs (a V100 is 7.0) only emulate bf16, so `auto` gives them fp16 with a gradient
+# scaler, which keeps small gradients from rounding to zero. On most CPUs bf16 is *slower* than fp32:
 # emulated on AVX2-only CPUs (about 30x slower), and still 0.8x with AVX512-BF16 on the
 # test machine (`docs/performance.md`). Only CPUs with AMX matrix units (Intel Xeon 4th
 # generation and later) have bf16 hardware built for it, so `auto` uses bf16 on those
@@ -227,7 +283,10 @@ def pick_precision(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for full fp32."""
     if amp == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # Native bf16 only: is_bf16_supported() alone also says True where PyTorch merely emulates
+            # it (compute capability 7.x, e.g. V100), slower than fp16 with a gradient scaler.
+            native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+            return torch.bfloat16 if native_bf16 else torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_has_amx() else None
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
@@ -390,6 +449,12 @@ def load_checkpoint(path: Path, expected: dict) -> dict:
 # `--resume` continues from the checkpoint. SIGTERM (preemption, `scancel`) also stops the
 # run cleanly, without requeueing: Slurm decides about preempted jobs.
 #
+# In the course's Slurm files the script does not requeue by itself: a job may run several
+# steps (`sweep_steps.sbatch`), and a requeue ends all of them at once, perhaps before the
+# other has written its checkpoint. There the script leaves a request
+# (`COURSE_REQUEUE_REQUEST`) and the batch script requeues the job when every step has
+# ended, or submits it again where a site forbids requeueing (`slurm/env.sh`).
+#
 # All ranks must stop after the **same** step, or one would wait for ever in a collective
 # the others never join: every few steps they agree, with one tiny all-reduce, whether
 # any of them was signalled.
@@ -420,15 +485,25 @@ def agree_to_stop(stop: StopRequest | None, rt: Runtime) -> str | None:
     return "SIGUSR1" if votes[0] > 0 else "SIGTERM" if votes[1] > 0 else None
 
 
-def requeue_slurm_job(rt: Runtime) -> str:
-    """Put this Slurm job back in the queue; it will resume from the same run directory."""
+def requeue_slurm_job(out: Path) -> str:
+    """Ask for this Slurm job to go on from its checkpoint in `out`; return what will happen."""
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
-        return "not a Slurm job: resume by hand with --resume"
-    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    if result.returncode != 0:
-        return f"could not requeue job {job} ({result.stderr.strip()}): resubmit it with --resume"
-    return f"requeued Slurm job {job}: it resumes from its checkpoint when it starts again"
+        return f"not a Slurm job: continue with --resume --out {out}"
+    request = os.environ.get("COURSE_REQUEUE_REQUEST")
+    if request:  # the course's Slurm files requeue once EVERY step of the job has stopped (slurm/env.sh)
+        Path(request).write_text(f"{out}\n")
+        return f"the batch script requeues Slurm job {job} once every step has stopped"
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    except FileNotFoundError:
+        return f"no scontrol here to requeue Slurm job {job}: continue with --resume --out {out}"
+    # Slurm ends the job's processes as soon as it accepts the requeue, scontrol among them.
+    if result.returncode in (0, -signal.SIGTERM, -signal.SIGKILL):
+        return f"requeued Slurm job {job}: it resumes from its checkpoint when it starts again"
+    reason = result.stderr.strip() or f"scontrol exit code {result.returncode}"
+    # A job submitted again gets a new id, and so a new run directory unless told this one.
+    return f"could not requeue Slurm job {job} ({reason}): continue with --resume --out {out}"
 
 
 class ResumableSampler(DistributedSampler):
@@ -591,6 +666,9 @@ def evaluate(model, loader, cfg, rt: Runtime, dtype) -> dict:
 def use_gpu_decode(cfg, rt: Runtime) -> bool:
     if cfg.gpu_decode and rt.device.type != "cuda":
         rt.log("notice: --gpu-decode needs a CUDA device; decoding the JPEGs on the CPU as usual")
+    elif cfg.gpu_decode and torch.version.hip:
+        rt.log("notice: --gpu-decode uses NVIDIA's nvJPEG, which ROCm builds lack; decoding the JPEGs on the CPU")
+        return False
     return cfg.gpu_decode and rt.device.type == "cuda"
 
 
@@ -689,6 +767,7 @@ def fit(cfg, rt: Runtime | None = None, stop: StopRequest | None = None) -> dict
         rt = Runtime(device=device, notices=notices)
     for notice in rt.notices:
         rt.log(notice)
+    threads = set_compute_threads(cfg.workers)  # before any computation: the loader's workers need cores too
     out = Path(rt.broadcast_object(str(cfg.out or default_run_dir(cfg.arch))))
     if rt.is_main:
         prepare_run_dir(out)
@@ -746,7 +825,7 @@ def fit(cfg, rt: Runtime | None = None, stop: StopRequest | None = None) -> dict
            f"{len(splits['train'])} train, {len(splits['valid'])} valid images | device {rt.device} | "
            f"precision {dtype or 'fp32'}")
     rt.log(f"processes {rt.world_size} | batch per process {cfg.batch_size} | global batch "
-           f"{cfg.batch_size * rt.world_size} | lr {cfg.lr:g} | workers {cfg.workers}")
+           f"{cfg.batch_size * rt.world_size} | lr {cfg.lr:g} | workers {cfg.workers} | {threads}")
     wandb_run = start_wandb(cfg, out, run_config(cfg, rt, classes)) if rt.is_main and cfg.wandb != "off" else None
 
     def checkpoint(epochs_done: int, rng: dict, partial_state: dict | None = None) -> dict:
@@ -815,7 +894,7 @@ def stop_run(rt: Runtime, out: Path, epoch: int, stats: dict, cfg, best_acc: flo
         save()
     rt.barrier()
     where = f"epoch {epoch + 1} step {stats['stopped_at_step']}"
-    note = requeue_slurm_job(rt) if rt.is_main and stats["reason"] == "SIGUSR1" else "resume with --resume"
+    note = requeue_slurm_job(out) if rt.is_main and stats["reason"] == "SIGUSR1" else "resume with --resume"
     return {"run_dir": str(out), "epochs": cfg.epochs, "best_val_acc": best_acc,
             "stopped": f"stopped at {where} on {stats['reason']}; checkpoint {out / 'last.pt'}; {note}"}
 

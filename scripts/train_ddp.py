@@ -61,27 +61,31 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
+import hostlist
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from data import UserError, run_cli
-from train import Runtime, StopRequest, build_parser, fit, parse_args, summary_line
+from train import Runtime, StopRequest, build_parser, check_gpu_kernels, fit, parse_args, summary_line
 
 # %% [markdown]
 # ## 1. Who am I? Three launchers, one answer
 #
 # | launcher | rank | local rank (GPU on this node) | world size | rendezvous |
 # |---|---|---|---|---|
-# | `srun` (Slurm starts every process) | `SLURM_PROCID` | `SLURM_LOCALID` | `SLURM_NTASKS` | first host of `SLURM_JOB_NODELIST`, a port derived from the job id |
+# | `srun` (Slurm starts every process) | `SLURM_PROCID` | `SLURM_LOCALID` | `SLURM_NTASKS` | first host of the step's nodes (`SLURM_STEP_NODELIST`), a port derived from the job id |
 # | `torchrun` (one per node starts the local processes) | `RANK` | `LOCAL_RANK` | `WORLD_SIZE` | `MASTER_ADDR`, `MASTER_PORT` set by torchrun |
 # | plain `python` | 0 | 0 | 1 | none |
 #
 # The port is derived from the job id so that two jobs sharing a node do not try to
 # listen on the same port. `srun` is recognised by `SLURM_STEP_ID`, which only a job step
 # has: a batch script that runs `python` directly, without `srun`, is one process even
-# though its job asked for several tasks.
+# though its job asked for several tasks. Rank 0 runs on the first node of the *step*,
+# which is not the job's first node when a step uses part of the job. Node lists come in
+# Slurm's compressed form (`gpu[07-08,11]`, `nid[001-002]-ib`); `python-hostlist` reads
+# them as `scontrol show hostnames` would.
 
 # %%
 @dataclass(frozen=True)
@@ -95,16 +99,24 @@ class Launch:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a Slurm node list: 'gpu[07-08,11],cpu3' -> 'gpu07'."""
-    match = re.match(r"([^,\[]+)(?:\[([0-9]+))?", nodelist.strip())
-    if not match:
+    """The first host of a Slurm node list: 'gpu[07-08,11],cpu3' -> 'gpu07', 'nid[001-002]-ib' -> 'nid001-ib'."""
+    try:
+        hosts = hostlist.expand_hostlist(nodelist.strip())
+    except hostlist.BadHostlist:
+        hosts = []
+    if not hosts:
         raise UserError(f"cannot read the Slurm node list {nodelist!r}")
-    return match.group(1) + (match.group(2) or "")
+    return hosts[0]
 
 
 def port_for_job(job_id: str) -> int:
     """A port in 20000-39999 that differs between jobs."""
     return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+
+
+def step_nodelist(env) -> str:
+    """The nodes of this job step (rank 0 runs on the first), else of the whole job."""
+    return env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
 
 
 def detect_launch(env=os.environ) -> Launch:
@@ -114,7 +126,7 @@ def detect_launch(env=os.environ) -> Launch:
     if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:  # a task of an srun job step
         return Launch("srun", int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)),
                       int(env.get("SLURM_NTASKS", 1)),
-                      env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+                      env.get("MASTER_ADDR") or first_host(step_nodelist(env)),
                       int(env.get("MASTER_PORT") or port_for_job(env.get("SLURM_JOB_ID", "0"))))
     return Launch("python", 0, 0, 1)
 
@@ -133,14 +145,20 @@ def detect_launch(env=os.environ) -> Launch:
 #
 # Collectives get a **timeout**: if one rank dies, the others stop waiting after
 # `--dist-timeout` seconds and exit with an error, instead of idling on their GPUs until
-# the job's time limit.
+# the job's time limit. With nccl that takes NCCL's asynchronous error handling
+# (`TORCH_NCCL_ASYNC_ERROR_HANDLING=1`: a watchdog thread ends the process when a collective
+# fails or times out); torchrun sets it for its processes, and so does this script (and
+# `slurm/env.sh`) for the ranks `srun` starts. To see *why* NCCL failed, run with
+# `NCCL_DEBUG=WARN` (problems only) or `NCCL_DEBUG=INFO` (also the network and GPUs it chose).
 
 # %%
 def pick_rank_device(local_rank: int) -> torch.device:
     count = torch.cuda.device_count()
     if count == 0:
         return torch.device("cpu")
-    return torch.device("cuda", local_rank if count > 1 else 0)
+    device = torch.device("cuda", local_rank if count > 1 else 0)
+    check_gpu_kernels(device.index)
+    return device
 
 
 class DistributedRuntime(Runtime):
@@ -177,6 +195,7 @@ def start_distributed(launch: Launch, timeout_seconds: float) -> Runtime:
         return Runtime(device=device, notices=notices)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # fail fast on an NCCL error or timeout
     os.environ.setdefault("MASTER_ADDR", launch.master_addr)
     os.environ.setdefault("MASTER_PORT", str(launch.master_port))
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
@@ -194,7 +213,9 @@ def start_distributed(launch: Launch, timeout_seconds: float) -> Runtime:
 # prints. The process group is destroyed at the end **also after an error**. When a rank
 # dies, the survivors' next collective fails (at once when the connection breaks, after
 # `--dist-timeout` seconds when the peer hangs) and each says so in one line; `torchrun`
-# and `srun --kill-on-bad-exit=1` end the remaining ranks even sooner.
+# and `srun --kill-on-bad-exit=1` end the remaining ranks even sooner. That is tested on
+# CPUs with gloo (`tests/test_resilience.py`); with nccl the timeout and the watchdog above
+# do the same job, but no test here has a GPU to show it.
 #
 # `--batch-size` is per process: the global batch is `batch size x world size`. The
 # learning rate is used as given; with a larger global batch you may want to raise it
@@ -217,9 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     launch = detect_launch()
     rt = start_distributed(launch, cfg.dist_timeout)
     # One write per line: with several ranks on one terminal, print's two writes can interleave.
+    # The cores this rank may run on: fewer than its job asked per task means the launcher lost
+    # them (srun without SRUN_CPUS_PER_TASK on Slurm 22.05 and later, slurm/env.sh).
     sys.stdout.write(f"rank {rt.rank}/{rt.world_size} local_rank {rt.local_rank} host {socket.gethostname()} "
-                     f"pid {os.getpid()} device {rt.device} launcher {launch.launcher} "
-                     f"backend {dist.get_backend() if dist.is_initialized() else 'none'}\n")
+                     f"pid {os.getpid()} cpus {len(os.sched_getaffinity(0))} device {rt.device} "
+                     f"launcher {launch.launcher} backend {dist.get_backend() if dist.is_initialized() else 'none'}\n")
     sys.stdout.flush()
     try:
         summary = fit(cfg, rt, stop)

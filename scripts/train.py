@@ -291,6 +291,13 @@ def pick_precision(amp: str, device: torch.device) -> torch.dtype | None:
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
+def bf16_support() -> str:
+    """How the current CUDA GPU runs bf16 (the GPU check reports it): native, emulated or no."""
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return "native"
+    return "emulated (slow: --amp auto uses fp16)" if torch.cuda.is_bf16_supported() else "no"
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()

@@ -22,7 +22,8 @@ GPU_PARTITION, CPU_PARTITION = "accel", "small"  # tests/slurm/slurm.conf.in
 START_IT = "start it with `sudo make cluster-up` (tests/slurm/README.md)"
 # What the test cluster's nodes need from every file: the GPU partition, and 1 core per GPU
 # (its nodes have 2 cores and the files ask for 8 per GPU).
-TEST_SITE = {"SITE_PARTITION": GPU_PARTITION, "SITE_CPUS_PER_GPU": "1", "SITE_MEM_PER_CPU": "1G", "SITE_TIME": "00:20:00"}
+TEST_SITE = {"SITE_PARTITION": GPU_PARTITION, "SITE_CPUS_PER_GPU": "1", "SITE_MEM_PER_CPU": "1G",
+             "SITE_TIME": "00:20:00"}
 
 
 def cluster_problem() -> str | None:

@@ -54,6 +54,12 @@ def test_auto_precision_uses_bf16_only_where_the_gpu_computes_it_natively(monkey
     assert train.pick_precision("auto", torch.device("cuda")) == expected
 
 
+@pytest.mark.parametrize("capability,reported", [((8, 0), "native"), ((7, 0), "emulated (slow: --amp auto uses fp16)")])
+def test_the_gpu_check_reports_native_or_emulated_bf16(monkeypatch, capability, reported):
+    pretend_gpu(monkeypatch, "a GPU", capability)
+    assert train.bf16_support() == reported
+
+
 @pytest.mark.parametrize("device,amx,amp,expected", [
     ("cpu", True, "auto", torch.bfloat16),    # a CPU with AMX matrix units
     ("cpu", False, "auto", None),             # any other CPU: fp32

@@ -440,11 +440,13 @@ def test_sbatch_sweep_steps(pool):
     sweep = job.runs / f"{job.id}-sweep"
     requeues = job.output.count(f"requeue: asking Slurm to requeue job {job.id}")
     assert requeues >= 1, job.output[-4000:]
-    for run in ("fast", "slow"):  # each run stopped with a checkpoint before every requeue, and resumed from it
+    # No step was ended before its checkpoint (assert_quiet: no killed task); both runs were still
+    # training at the first warning and checkpointed; every requeued run resumed from its checkpoint.
+    for run in ("fast", "slow"):
         stops = re.findall(rf"^stopped: stopped at epoch \d+ step \d+ on SIGUSR1; checkpoint {sweep}/{run}/last.pt",
                            job.output, re.M)
         resumes = re.findall(rf"^resumed from {sweep}/{run}/last.pt at ", job.output, re.M)
-        assert len(stops) == len(resumes) == requeues, f"{run}:\n{job.output[-4000:]}"
+        assert 1 <= len(stops) <= requeues == len(resumes), f"{run}:\n{job.output[-4000:]}"
         assert_trained(sweep / run, 7)
     (start_a, end_a), (start_b, end_b) = run_times(sweep / "fast"), run_times(sweep / "slow")
     assert start_a < end_b and start_b < end_a, "the two job steps did not run at the same time"

@@ -496,7 +496,7 @@ def requeue_slurm_job(out: Path) -> str:
     """Ask for this Slurm job to go on from its checkpoint in `out`; return what will happen."""
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
-        return f"not a Slurm job: continue with --resume --out {out}"
+        return f"not a Slurm job: resume by hand with --resume --out {out}"
     request = os.environ.get("COURSE_REQUEUE_REQUEST")
     if request:  # the course's Slurm files requeue once EVERY step of the job has stopped (slurm/env.sh)
         Path(request).write_text(f"{out}\n")

@@ -46,7 +46,8 @@ sync: $(STAMP)
 drift: $(DEV_STAMP)
 	$(PY) -m pytest -q tests/test_notebooks.py -k drift
 
-# A two-node Slurm cluster on this machine (root; see tests/slurm/README.md).
+# The local Slurm test cluster (root; see tests/slurm/README.md). The Slurm tests need it started
+# first: without it they are skipped (in CI: failed), saying so.
 cluster-up:
 	bash tests/slurm/cluster.sh up
 

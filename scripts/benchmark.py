@@ -81,7 +81,8 @@ from torch.utils.data import RandomSampler, Subset
 
 import speed
 import train
-from data import ShardSampler, UserError, atomic_write, available_cpus, load_splits, make_loader, run_cli
+from data import (ShardSampler, UserError, atomic_write, available_cpus, load_splits, make_loader, run_cli,
+                  set_compute_threads)
 from model import BirdClassifier, load_backbone_weights
 from resilience import write_json
 
@@ -525,7 +526,7 @@ def cpu_name() -> str:
 
 def machine(rt) -> dict:
     info = {"cpu": cpu_name(), "cpus": available_cpus(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads(),  # OMP_NUM_THREADS
+            "threads": torch.get_num_threads(),  # set_compute_threads
             "load_average": [round(x, 2) for x in os.getloadavg()],  # other work on the machine skews timings
             "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "cuda": torch.version.cuda, "device": str(rt.device)}
@@ -694,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         return scaling_main(options)
     cfg = parse_config(command, options)
     rt = BenchmarkRuntime(device=train.pick_device(cfg.device))
+    print(f"workers {cfg.workers} | {set_compute_threads(cfg.workers)}")  # the same rule as train.py
     if command == "run":
         speed.use_gpu_decode(cfg, rt.device)
         rows = [make_row("this configuration", "given by the options", cfg, measure(cfg, rt))]
@@ -762,9 +764,9 @@ if __name__ == "__main__":
 # * **Threads**: PyTorch runs one compute thread per core it sees. When other processes
 #   share those cores, every parallel operation waits for its slowest thread: on a
 #   2-core machine shared with other jobs we measured 2 threads about 3x *slower* than
-#   1. In a job, `OMP_NUM_THREADS` must match the cores Slurm gave you
-#   (`slurm/env.sh` sets it to `SLURM_CPUS_PER_TASK`), and DataLoader workers need cores
-#   of their own.
+#   1. So every script gives PyTorch the cores its DataLoader workers leave, at least one
+#   (`set_compute_threads` in the `data` notebook; `OMP_NUM_THREADS`, when set, wins) and
+#   prints the choice.
 
 # %% [markdown]
 # ## Where does the time go? The profiler

@@ -83,6 +83,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import tarfile
 import tempfile
@@ -114,6 +115,10 @@ class DataError(UserError):
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Run `main`; turn a UserError into one line on stderr and exit status 2."""
+    # Slurm's time-limit warning (SIGUSR1, slurm/*.sbatch) reaches every process of a job; it
+    # would kill a command that has nothing to save, such as staging or gathering. Training
+    # installs its own handler (resilience.py: StopRequest).
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         status = main(argv)
     except UserError as error:
@@ -501,13 +506,22 @@ def load_splits(root: Path, image_size: int = 224, augment: bool = False,
 #
 # | knob | what it does | our choice |
 # |---|---|---|
-# | `num_workers` | processes decoding images | in a job, every CPU Slurm gave the task (`SLURM_CPUS_PER_TASK`); elsewhere (a laptop, a shared login node) the CPUs this process may use, at most 8 |
+# | `num_workers` | processes decoding images | in a job, every CPU the task may use; elsewhere (a laptop, a shared login node) the CPUs this process may use, at most 8 |
 # | `pin_memory` | page-locked host memory: faster, asynchronous copies to the GPU | on with CUDA |
 # | `persistent_workers` | keep workers alive between epochs instead of restarting them | on when there are workers |
 # | `prefetch_factor` | batches each worker prepares ahead | 4 |
 # | `drop_last` | leave out the epoch's last, smaller batch | no; but a training loader leaves out a last step of one image |
 #
-# Support, collapsed: the `num_workers` rule of the table (`default_num_workers`), and
+# **How many CPUs?** The ones this process may run on (`os.sched_getaffinity`): a cluster
+# that binds tasks to cores shows there what Slurm really gave the task, which can be fewer
+# than `SLURM_CPUS_PER_TASK` claims (since Slurm 22.05, `srun` gives each task of a step
+# one core unless told otherwise; `slurm/env.sh` sets `SRUN_CPUS_PER_TASK`). PyTorch's
+# compute threads need cores too: by default it starts one per core, and they fight the
+# workers for them. `set_compute_threads` gives them what the workers leave, at least one,
+# and every script prints the choice in its header line (`workers 2 | threads 1 (...)`).
+#
+# Support, collapsed: the `num_workers` and threads rules (`default_num_workers`,
+# `set_compute_threads`), and
 # `TrainingBatches`, which leaves out a training step of a single image (BatchNorm cannot
 # normalise one image once a ResNet's feature maps are 1 x 1; validation never leaves out
 # an image).
@@ -525,16 +539,33 @@ def load_splits(root: Path, image_size: int = 224, augment: bool = False,
 # batch. DDP still equals one big batch, and `train_samples` counts the images that trained.
 # A DistributedSampler repeats images to pad the epoch, so the course never validates with one.
 def available_cpus() -> int:
-    """CPUs this task may use: Slurm's allocation when inside a job."""
-    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
-        return int(os.environ["SLURM_CPUS_PER_TASK"])
-    return len(os.sched_getaffinity(0))
+    """CPUs this process may use: the cores it may run on (os.sched_getaffinity: Slurm's task
+    binding, taskset, cgroups), at most what Slurm gave its task, and of those its share when
+    torchrun started several processes in the task (LOCAL_WORLD_SIZE)."""
+    cpus = len(os.sched_getaffinity(0))
+    allocated = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if allocated.isdigit():  # a cluster that does not bind tasks shows every core of the node
+        cpus = min(cpus, int(allocated))
+    sharing = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return max(1, cpus // int(sharing)) if sharing.isdigit() and int(sharing) > 0 else cpus
 
 
 def default_num_workers() -> int:
     """The allocation is ours in a job: use it all. Elsewhere, leave cores to the others."""
     in_job = os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit()
     return available_cpus() if in_job else min(8, available_cpus())
+
+
+def set_compute_threads(workers: int) -> str:
+    """PyTorch's compute threads: the CPUs this process may use minus its DataLoader workers, at
+    least 1 (OMP_NUM_THREADS, when set, wins). Returns the choice for the header line."""
+    cpus, forced = available_cpus(), os.environ.get("OMP_NUM_THREADS", "")
+    if forced.isdigit() and int(forced) > 0:
+        threads, why = int(forced), "OMP_NUM_THREADS"
+    else:
+        threads, why = max(1, cpus - workers), f"{cpus} CPUs - {workers} workers"
+    torch.set_num_threads(threads)
+    return f"threads {threads} ({why})"
 
 
 class TrainingBatches(BatchSampler):
@@ -611,6 +642,7 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, *, shuffle: boo
 #
 #
 # def loader_images_per_second(workers, batches):
+#     set_compute_threads(workers)  # the main process's threads get the cores the workers leave
 #     loader = make_loader(splits["train"], batch_size, workers, shuffle=True, persistent_workers=False)
 #     it = iter(loader)
 #     next(it)  # start-up (worker processes) is not what we measure

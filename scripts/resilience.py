@@ -251,18 +251,32 @@ class ResumableSampler(DistributedSampler):
 #
 # After the checkpoint, rank 0 puts its own job back in the queue. The job keeps its id,
 # so when it starts again it finds the same run directory (named after the job id), and
-# the Slurm file's `--resume` continues from the checkpoint.
+# the Slurm file's `--resume` continues from the checkpoint. In the course's Slurm files
+# the script only leaves a request (`COURSE_REQUEUE_REQUEST`) and the batch script
+# requeues once **every** step has stopped: a job may run several steps
+# (`sweep_steps.sbatch`), and a requeue ends all of them at once, perhaps before the
+# other has written its checkpoint. Where a site forbids requeueing, it submits the job
+# again with the same run directory (`slurm/env.sh`).
 
 # %%
-def requeue_slurm_job() -> str:
-    """Put this Slurm job back in the queue; it will resume from the same run directory."""
+def requeue_slurm_job(out: Path) -> str:
+    """Ask for this Slurm job to go on from its checkpoint in `out`; return what will happen."""
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
-        return "not a Slurm job: resume by hand with --resume"
-    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    if result.returncode != 0:
-        return f"could not requeue job {job} ({result.stderr.strip()}): resubmit it with --resume"
-    return f"requeued Slurm job {job}: it resumes from its checkpoint when it starts again"
+        return f"not a Slurm job: resume by hand with --resume --out {out}"
+    request = os.environ.get("COURSE_REQUEUE_REQUEST")
+    if request:  # the course's Slurm files requeue once every step of the job has stopped
+        Path(request).write_text(f"{out}\n")
+        return f"the batch script requeues Slurm job {job} once every step has stopped"
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    except FileNotFoundError:
+        return f"no scontrol here to requeue Slurm job {job}: continue with --resume --out {out}"
+    # Slurm ends the job's processes as soon as it accepts the requeue, scontrol among them.
+    if result.returncode in (0, -signal.SIGTERM, -signal.SIGKILL):
+        return f"requeued Slurm job {job}: it resumes from its checkpoint when it starts again"
+    reason = result.stderr.strip() or f"scontrol exit code {result.returncode}"
+    return f"could not requeue Slurm job {job} ({reason}): continue with --resume --out {out}"
 
 
 # %% [markdown]
@@ -874,7 +888,7 @@ class Run:
         barrier(self.device)
         where = f"epoch {epoch + 1} step {position['step'] if position else 0}"
         self.finish()  # W&B closed and the directory unlocked before the job is requeued (and killed)
-        note = requeue_slurm_job() if is_rank0() and reason == "SIGUSR1" else "resume with --resume"
+        note = requeue_slurm_job(self.out) if is_rank0() and reason == "SIGUSR1" else "resume with --resume"
         return {**self.summary(), "stopped": f"stopped at {where} on {reason}; checkpoint {self.out / 'last.pt'}; {note}"}
 
     def summary(self) -> dict:

@@ -87,7 +87,9 @@ from resilience import sum_over_ranks
 # ## Mixed precision
 #
 # On GPUs, bf16 autocast roughly doubles the speed of the convolutions (tensor cores) at
-# no cost in accuracy; older GPUs without fast bf16 use fp16 with a gradient scaler, which
+# no cost in accuracy; it is native from compute capability 8.0 on (A100 and later).
+# Older GPUs (a V100 is 7.0) only emulate bf16 (`torch.cuda.is_bf16_supported()` alone
+# says yes to emulation too), so `auto` gives them fp16 with a gradient scaler, which
 # keeps small gradients from rounding to zero. On most CPUs bf16 is *slower* than fp32:
 # emulated on AVX2-only CPUs (about 30x slower), and still 0.8x with AVX512-BF16 on the
 # test machine (`docs/performance.md`). Only CPUs with AMX matrix units (Intel Xeon 4th
@@ -98,8 +100,8 @@ from resilience import sum_over_ranks
 def pick_precision(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for full fp32."""
     if amp == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":  # native bf16 only: a V100 (7.0) merely emulates it, slower than fp16
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_has_amx() else None
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
@@ -116,6 +118,13 @@ def cpu_has_amx() -> bool:
     """Intel AMX tiles: the CPU matrix units that make bf16 fast (a private PyTorch probe)."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(probe and probe())
+
+
+def bf16_support() -> str:
+    """How the current CUDA GPU runs bf16 (the GPU check reports it): native, emulated or no."""
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return "native"
+    return "emulated (slow: --amp auto uses fp16)" if torch.cuda.is_bf16_supported() else "no"
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
@@ -200,6 +209,9 @@ def cached_feature_loaders(model, splits, train_sampler, cfg, device, dtype, ran
 def use_gpu_decode(cfg, device: torch.device, log=print) -> bool:
     if cfg.gpu_decode and device.type != "cuda":
         log("notice: --gpu-decode needs a CUDA device; decoding the JPEGs on the CPU as usual")
+    elif cfg.gpu_decode and torch.version.hip:
+        log("notice: --gpu-decode uses NVIDIA's nvJPEG, which ROCm builds lack; decoding the JPEGs on the CPU")
+        return False
     return cfg.gpu_decode and device.type == "cuda"
 
 

@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import hostlist
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -70,7 +71,8 @@ import torchvision
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from data import ShardSampler, UserError, available_cpus, default_num_workers, load_splits, make_loader, run_cli
+from data import (ShardSampler, UserError, available_cpus, default_num_workers, load_splits, make_loader, run_cli,
+                  set_compute_threads)
 from model import ARCHITECTURES, build_model, count_parameters
 from resilience import (STOP_CHECK_EVERY, ResumableSampler, Run, StopRequest, agree_to_stop, broadcast_from_rank0,
                         check_run_dir_is_free, default_run_dir, diverged, hash_classes, is_rank0, load_trained_model,
@@ -317,6 +319,7 @@ def fit(cfg, device: torch.device | None = None, stop: StopRequest | None = None
 def prepare(cfg, rank: int, world_size: int, device: torch.device, log) -> Training:
     """Data, model, optimizer and the run directory; everything that can fail is checked first."""
     cfg.workers = capped_workers(cfg.workers, log)
+    cfg.threads = set_compute_threads(cfg.workers)  # the cores the loader's workers leave (lesson 1)
     out = Path(broadcast_from_rank0(str(cfg.out or default_run_dir(cfg.arch))))
     on_rank0(lambda: check_run_dir_is_free(out, cfg))  # at once, not after reading the data (lesson 4)
     splits = load_splits(cfg.data, cfg.image_size, augment=cfg.augment, skip_bad=cfg.skip_bad_images,
@@ -536,7 +539,7 @@ class Training:
                  f"{len(self.splits['train'])} train, {len(self.splits['valid'])} valid images | device "
                  f"{self.device} | precision {precision_name(self.dtype)}")
         self.log(f"processes {world_size} | batch per process {cfg.batch_size} | global batch "
-                 f"{cfg.batch_size * world_size} | lr {cfg.lr:g} | workers {cfg.workers}")
+                 f"{cfg.batch_size * world_size} | lr {cfg.lr:g} | workers {cfg.workers} | {cfg.threads}")
 
     def end_epoch(self, record: dict, seconds: float) -> None:
         """Record the epoch (lesson 4 writes it) and print its line."""
@@ -609,19 +612,65 @@ def summary_line(summary: dict) -> str:
 def pick_device(requested: str = "auto", local_rank: int = 0, log=print) -> torch.device:
     """The device to train on: under DDP, the GPU of this process's local rank."""
     if requested == "auto":
-        count = torch.cuda.device_count()
-        if count:
-            return torch.device("cuda", local_rank if count > 1 else 0)
-        log("notice: no CUDA device found; training on the CPU")
-        return torch.device("cpu")
-    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", requested):  # mps, meta, xpu...: the course runs on neither
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            log("notice: no CUDA device found; training on the CPU")
+            return torch.device("cpu")
+        device = torch.device("cuda", local_rank if count > 1 else 0)
+    elif not re.fullmatch(r"cpu|cuda(:[0-9]+)?", requested):  # mps, meta, xpu...: the course runs on neither
         raise UserError(f"--device {requested!r} is not one the course trains on: use auto, cpu, cuda or cuda:N")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
+    elif requested.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {requested}: no CUDA device is visible here; use --device cpu or auto")
-    device = torch.device(requested)
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) are visible here")
+    else:
+        device = torch.device(requested)
+    if device.type == "cuda":
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) are visible here")
+        check_gpu_kernels(device.index or 0)
+        if torch.version.hip:  # a ROCm build on AMD GPUs works like CUDA in PyTorch; the course tests it nowhere
+            log(f"notice: ROCm build of PyTorch (HIP {torch.version.hip}) on an AMD GPU: the course's AMD paths "
+                "are untested")
     return device
+
+
+# %% [markdown]
+# ### Does this PyTorch have kernels for this GPU?
+#
+# A PyTorch wheel carries compiled kernels for a list of GPU architectures
+# (`torch.cuda.get_arch_list()`, e.g. `sm_75 … sm_120`), and each new release drops the
+# oldest. The course's pinned wheel has none for a V100 (`sm_70`, Volta): there the first
+# convolution would fail with an obscure "no kernel image" error. So every training start
+# checks, and stops with one line naming the way out: the site's own PyTorch module, or a
+# build whose list includes the GPU. A kernel for `sm_XY` runs on GPUs of the same major
+# version XY and later (`sm_80` on an `sm_86`); a `compute_XY` entry (PTX) is compiled for
+# any GPU from XY on when first used. ROCm builds (AMD GPUs) name architectures differently
+# and are not checked.
+
+# %%
+def kernels_run_on(arch: str, major: int, minor: int) -> bool:
+    """Whether an entry of torch.cuda.get_arch_list() runs on a GPU of compute capability major.minor."""
+    match = re.fullmatch(r"(sm|compute)_(\d+)[a-z]?", arch)
+    if not match:
+        return False
+    code = int(match.group(2))
+    if match.group(1) == "compute":
+        return code <= major * 10 + minor
+    return code // 10 == major and code % 10 <= minor
+
+
+def check_gpu_kernels(index: int = 0) -> None:
+    """Stop with one line when this PyTorch build has no kernels for CUDA GPU `index`."""
+    if torch.version.cuda is None:  # ROCm or a CPU-only build: nothing to check
+        return
+    arch_list = torch.cuda.get_arch_list()
+    major, minor = torch.cuda.get_device_capability(index)
+    if not arch_list or any(kernels_run_on(arch, major, minor) for arch in arch_list):
+        return
+    volta = " (for Volta, sm_70: CUDA 12.6 builds kept it longest)" if (major, minor) < (7, 5) else ""
+    raise UserError(f"GPU {index} ({torch.cuda.get_device_name(index)}) is sm_{major}{minor}, but this PyTorch "
+                    f"({torch.__version__}) has kernels only for {' '.join(arch_list)}: use your site's PyTorch "
+                    "(COURSE_ENV_ACTIVATE=\"module load ...\" in slurm/site.sh) or install a PyTorch build whose "
+                    f"architecture list includes sm_{major}{minor}{volta}")
 
 
 # %% [markdown]
@@ -629,14 +678,17 @@ def pick_device(requested: str = "auto", local_rank: int = 0, log=print) -> torc
 #
 # | launcher | rank | local rank (GPU on this node) | world size | rendezvous |
 # |---|---|---|---|---|
-# | `srun` (Slurm starts every process) | `SLURM_PROCID` | `SLURM_LOCALID` | `SLURM_NTASKS` | first host of `SLURM_JOB_NODELIST`, a port derived from the job id |
+# | `srun` (Slurm starts every process) | `SLURM_PROCID` | `SLURM_LOCALID` | `SLURM_NTASKS` | first host of the step's nodes (`SLURM_STEP_NODELIST`), a port derived from the job id |
 # | `torchrun` (one per node starts the local processes) | `RANK` | `LOCAL_RANK` | `WORLD_SIZE` | `MASTER_ADDR`, `MASTER_PORT` set by torchrun |
 # | plain `python` | 0 | 0 | 1 | none |
 #
 # The port is derived from the job id so that two jobs sharing a node do not try to
 # listen on the same port. `srun` is recognised by `SLURM_STEP_ID`, which only a job step
 # has: a batch script that runs `python` directly, without `srun`, is one process even
-# though its job asked for several tasks. Under `torchrun` or `srun` even a single
+# though its job asked for several tasks. Rank 0 runs on the first node of the *step*,
+# which is not the job's first node when a step uses part of the job. Node lists come in
+# Slurm's compressed form (`gpu[07-08,11]`, `nid[001-002]-ib`); `python-hostlist` reads
+# them as `scontrol show hostnames` would. Under `torchrun` or `srun` even a single
 # process joins a process group (of one): DDP with its overhead, and on one GPU the
 # cheapest check that nccl works.
 
@@ -652,11 +704,19 @@ class Launch:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a Slurm node list: 'gpu[07-08,11],cpu3' -> 'gpu07'."""
-    match = re.match(r"([^,\[]+)(?:\[([0-9]+))?", nodelist.strip())
-    if not match:
+    """The first host of a Slurm node list: 'gpu[07-08,11],cpu3' -> 'gpu07', 'nid[001-002]-ib' -> 'nid001-ib'."""
+    try:
+        hosts = hostlist.expand_hostlist(nodelist.strip())
+    except hostlist.BadHostlist:
+        hosts = []
+    if not hosts:
         raise UserError(f"cannot read the Slurm node list {nodelist!r}")
-    return match.group(1) + (match.group(2) or "")
+    return hosts[0]
+
+
+def step_nodelist(env) -> str:
+    """The nodes of this job step (rank 0 runs on the first), else of the whole job."""
+    return env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
 
 
 def port_for_job(job_id: str) -> int:
@@ -671,7 +731,7 @@ def detect_launch(env=os.environ) -> Launch:
     if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:  # a task of an srun job step
         return Launch("srun", int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)),
                       int(env.get("SLURM_NTASKS", 1)),
-                      env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+                      env.get("MASTER_ADDR") or first_host(step_nodelist(env)),
                       int(env.get("MASTER_PORT") or port_for_job(env.get("SLURM_JOB_ID", "0"))))
     return Launch("python", 0, 0, 1)
 
@@ -689,8 +749,17 @@ def lost_contact(error: RuntimeError) -> bool:
 # which is how the notebooks and the tests run DDP on a laptop. Collectives get a
 # **timeout**: if one rank dies, the others stop waiting after `--dist-timeout` seconds
 # and exit with an error, instead of idling on their GPUs until the job's time limit.
-# Every rank prints one line saying who and where it is (host and process id), the first
-# thing to look at when a multi-node job misbehaves.
+# With nccl that takes NCCL's asynchronous error handling
+# (`TORCH_NCCL_ASYNC_ERROR_HANDLING=1`: a watchdog thread ends the process when a
+# collective fails or times out); torchrun sets it for its processes, and so does this
+# script (and `slurm/env.sh`) for the ranks `srun` starts. To see *why* NCCL failed, run
+# with `NCCL_DEBUG=WARN` (problems only) or `NCCL_DEBUG=INFO` (also the network and GPUs
+# it chose). Rank failures are tested on CPUs with gloo (`tests/test_resilience.py`); no
+# test here has a GPU to show the nccl path.
+#
+# Every rank prints one line saying who and where it is (host, process id, and the CPUs
+# it may use: fewer than its job asked per task means the launcher lost them, see
+# `slurm/env.sh`), the first thing to look at when a multi-node job misbehaves.
 
 # %%
 def start_processes(cfg) -> tuple[bool, torch.device]:
@@ -701,6 +770,7 @@ def start_processes(cfg) -> tuple[bool, torch.device]:
     if ddp:
         if device.type == "cuda":
             torch.cuda.set_device(device)
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # fail fast on an NCCL error or timeout
         os.environ.setdefault("MASTER_ADDR", launch.master_addr)
         os.environ.setdefault("MASTER_PORT", str(launch.master_port))
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
@@ -708,8 +778,8 @@ def start_processes(cfg) -> tuple[bool, torch.device]:
                                 timeout=timedelta(seconds=cfg.dist_timeout))
         # One write per line: with several ranks on one terminal, print's two writes can interleave.
         sys.stdout.write(f"rank {launch.rank}/{launch.world_size} local_rank {launch.local_rank} host "
-                         f"{socket.gethostname()} pid {os.getpid()} device {device} launcher {launch.launcher} "
-                         f"backend {dist.get_backend()}\n")
+                         f"{socket.gethostname()} pid {os.getpid()} cpus {len(os.sched_getaffinity(0))} device "
+                         f"{device} launcher {launch.launcher} backend {dist.get_backend()}\n")
         sys.stdout.flush()
     return ddp, device
 

@@ -265,14 +265,6 @@ def test_stage_extracts_an_archive_to_tmpdir(tiny_data, tmp_path, capsys, monkey
 
 # --- loader knobs --------------------------------------------------------------------------
 
-def test_workers_come_from_slurm_when_set(monkeypatch):
-    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "16")  # e.g. train_dp.sbatch: 16 cores for two GPUs' images
-    assert data.default_num_workers() == 16
-    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
-    monkeypatch.setattr(data.os, "sched_getaffinity", lambda _: set(range(64)))  # a big shared login node
-    assert data.default_num_workers() == 8
-
-
 def test_images_are_normalised_with_imagenet_statistics(tiny_data):
     image, _ = data.load_splits(tiny_data, image_size=32)["train"][0]
     raw, _ = data.load_splits(tiny_data, image_size=32, normalize=False)["train"][0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster_tools import (CPU_PARTITION, GPU_PARTITION, JOB_USER, Workspace, as_job_user, cluster_problem, job_env,
+                           job_state, slurm)
 from conftest import ROOT, unavailable
 
 APP = ROOT / "ondemand"
@@ -30,8 +33,8 @@ APT_RUBY = "apt-get update && apt-get install -y --no-install-recommends ruby"
 # Form choices as the browser sends them (strings); unset fields keep form.yml's defaults.
 CHOICES = {
     "defaults": {},
-    "gpu-4x8": {"partition": "gpu", "num_gpus": "4", "cpus_per_gpu": "8", "num_hours": "12"},
-    "cpu-only": {"partition": "cpu", "num_gpus": "0", "cpus_per_gpu": "3", "num_hours": "1"},
+    "gpu-4x8": {"partition": "gpu", "num_gpus": "4", "cpus_per_gpu": "8", "num_hours": "12", "account": "proj_42"},
+    "cpu-only": {"partition": "cpu", "num_gpus": "0", "cpus_per_gpu": "3", "num_hours": "1", "account": " "},
 }
 
 # Renders the app as the dashboard does (ERB, trim_mode "-"): submit.yml.erb sees the form
@@ -130,6 +133,8 @@ def test_submission_asks_slurm_for_what_the_form_asked(name, tmp_path):
     gpus, per_gpu, hours = int(attrs["num_gpus"]), int(attrs["cpus_per_gpu"]), int(attrs["num_hours"])
     expected = {"--nodes": "1", "--ntasks": "1", "--cpus-per-task": str(max(gpus, 1) * per_gpu),
                 "--time": f"{hours:02d}:00:00", "--partition": attrs["partition"]}
+    if attrs["account"].strip():
+        expected["--account"] = attrs["account"]
     if gpus:
         expected["--gpus-per-node"] = str(gpus)
     assert native(render(CHOICES[name], tmp_path)) == expected
@@ -139,6 +144,50 @@ def test_cpu_only_choice_requests_no_gpu(tmp_path):
     opts = native(render(CHOICES["cpu-only"], tmp_path))
     assert opts["--partition"] == "cpu" and opts["--cpus-per-task"] == "3"
     assert not any(opt.startswith("--gpu") for opt in opts)
+
+
+def partition_limits() -> dict[str, dict[str, object]]:
+    """Each partition option of form.yml -> its dynamic-form directives, e.g. {'data-max-num-gpus': 4}."""
+    options = yaml.safe_load((APP / "form.yml").read_text())["attributes"]["partition"]["options"]
+    return {option[1]: {k: v for pair in option[2:] for k, v in pair.items()} for option in options}
+
+
+def test_the_form_limits_gpus_per_partition_with_ondemands_directives():
+    """data-max-<field> caps a number field for the chosen option, data-set-<field> sets it,
+    data-hide-<field> hides it (OnDemand's dynamic forms; field names with dashes)."""
+    form = yaml.safe_load((APP / "form.yml").read_text())
+    fields = {name.replace("_", "-") for name in form["form"]}
+    limits = partition_limits()
+    for partition, directives in limits.items():
+        assert "data-max-num-gpus" in directives, f"{partition}: no GPU limit"
+        for key in directives:
+            assert re.fullmatch(r"data-(min|max|set|hide)-(.+)", key) and key.split("-", 2)[2] in fields, key
+    no_gpus = [p for p, d in limits.items() if d["data-max-num-gpus"] == 0]
+    assert no_gpus and all(limits[p].get("data-set-num-gpus") == 0 and limits[p].get("data-hide-num-gpus")
+                           for p in no_gpus)
+    assert max(d["data-max-num-gpus"] for d in limits.values()) == form["attributes"]["num_gpus"]["max"]
+
+
+def test_what_the_form_allows_the_cluster_accepts_and_what_it_forbids_the_cluster_refuses(tmp_path):
+    """form.yml's partitions with the test cluster's names, as a centre edits them; sbatch
+    --test-only as the cluster's user. 1 CPU per GPU: the test nodes have 2 cores."""
+    problem = cluster_problem()
+    if problem:
+        unavailable(problem)
+    names = {"gpu": GPU_PARTITION, "cpu": CPU_PARTITION}
+    for partition, directives in partition_limits().items():
+        lowest = directives.get("data-min-num-gpus", directives.get("data-set-num-gpus", 0))
+        allowed = native(render({"partition": names[partition], "num_gpus": str(lowest), "cpus_per_gpu": "1"},
+                                tmp_path))
+        done = slurm(*as_job_user(["sbatch", "--test-only", *(f"{k}={v}" for k, v in allowed.items()),
+                                   "--wrap=true"], job_env()))
+        assert done.returncode == 0, f"{partition} with {lowest} GPUs: {done.stderr}"
+        if directives["data-max-num-gpus"] == 0:  # what the form forbids there
+            forbidden = native(render({"partition": names[partition], "num_gpus": "1", "cpus_per_gpu": "1"},
+                                      tmp_path))
+            done = slurm(*as_job_user(["sbatch", "--test-only", *(f"{k}={v}" for k, v in forbidden.items()),
+                                       "--wrap=true"], job_env()))
+            assert done.returncode != 0, f"the cluster accepts GPUs on {partition}"
 
 
 def get(url: str, token: str | None, data: dict | None = None, timeout: float = 5):
@@ -191,24 +240,24 @@ def pids_with(text: str) -> list[int]:
     return found
 
 
-def slurm(*args: str) -> str:
-    return subprocess.run(list(args), capture_output=True, text=True, timeout=30, check=True).stdout
-
-
-def job_state(job: str) -> str:
-    done = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
-    return next((w.split("=", 1)[1] for w in done.stdout.split() if w.startswith("JobState=")), "GONE")
-
-
 def job_log(job: str, log: Path) -> str:
     return log.read_text() if log.exists() else f"(no output yet; job {job} is {job_state(job)})"
 
 
-def test_jupyterlab_runs_as_a_slurm_job_with_the_course_kernel(tmp_path):
-    venv = ROOT / ".venv"
-    if not shutil.which("sinfo") or subprocess.run(["sinfo"], capture_output=True).returncode != 0:
-        unavailable("no Slurm cluster answers `sinfo` (bash tests/slurm/cluster.sh up)")
-    choice = {"partition": "gpu", "num_gpus": "1", "cpus_per_gpu": "2", "num_hours": "1",
+@pytest.fixture
+def session_dir():
+    """OnDemand's session directory, owned by the user the job runs as."""
+    ws = Workspace("ondemand")
+    yield ws.path
+    ws.close()
+
+
+def test_jupyterlab_runs_as_a_slurm_job_with_the_course_kernel(session_dir):
+    problem = cluster_problem()
+    if problem:
+        unavailable(problem)
+    tmp_path, venv = session_dir, ROOT / ".venv"
+    choice = {"partition": GPU_PARTITION, "num_gpus": "1", "cpus_per_gpu": "2", "num_hours": "1",
               "course_dir": str(ROOT), "env_activate": f"source {venv}/bin/activate"}
     rendered = render(choice, tmp_path)
     for name in ("before.sh", "script.sh"):
@@ -216,8 +265,11 @@ def test_jupyterlab_runs_as_a_slurm_job_with_the_course_kernel(tmp_path):
     (tmp_path / "script.sh").chmod(0o755)
     (tmp_path / "job.sh").write_text(OOD_WRAPPER.replace("@WORK_DIR@", str(tmp_path)))
     options = [f"{k}={v}" for k, v in native(rendered).items()]
-    job = slurm("sbatch", "--parsable", "--job-name=ondemand-test", f"--chdir={tmp_path}",
-                f"--output={tmp_path}/output.log", *options, str(tmp_path / "job.sh")).strip()
+    submitted = slurm(*as_job_user(["sbatch", "--parsable", "--job-name=ondemand-test", f"--chdir={tmp_path}",
+                                    f"--output={tmp_path}/output.log", *options, str(tmp_path / "job.sh")],
+                                   job_env()))
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip()
     log = tmp_path / "output.log"
     try:
         deadline = time.monotonic() + 45
@@ -236,12 +288,14 @@ def test_jupyterlab_runs_as_a_slurm_job_with_the_course_kernel(tmp_path):
             except OSError:
                 pass
         assert status == 200, f"JupyterLab did not answer in 45 s:\n{job_log(job, log)}"
-        assert addr.startswith("127.0.0.") and conn["host"] in ("node1", "node2")
+        assert addr.startswith("127.0.0.") and conn["host"] in ("node1", "node2", "node3")
+        assert conn_file.owner() == JOB_USER, "the session runs as the user who asked for it"
 
         _, body = get(f"{base}/api/kernelspecs", conn["password"])
         specs = json.loads(body)
         course = specs["kernelspecs"]["hpc-dl-course"]["spec"]
-        assert Path(course["argv"][0]).parent == venv / "bin", "the kernel must run the course's env"
+        kernel_bin = Path(course["argv"][0]).parent.resolve()
+        assert kernel_bin == (venv / "bin").resolve(), "the kernel must run the course's env"
         assert specs["default"] == "hpc-dl-course" and "python3" in specs["kernelspecs"]
         # A cell runs in the course kernel, through the websocket a browser would use.
         new = {"name": "hpc-dl-course", "path": "notebooks"}
@@ -252,7 +306,7 @@ def test_jupyterlab_runs_as_a_slurm_job_with_the_course_kernel(tmp_path):
         # The kernel is the course's env, starts in notebooks/ and sees the job's one GPU
         # (a fake one: its index depends on what other jobs hold).
         prefix, cwd, gpu = output.split()
-        assert (prefix, cwd) == (str(venv), str(ROOT / "notebooks")) and gpu in "0 1 2 3".split()
+        assert (Path(prefix).resolve(), cwd) == (venv.resolve(), str(ROOT / "notebooks")) and gpu in "0 1 2 3".split()
         _, body = get(f"{base}/api/contents/notebooks", conn["password"])
         assert "train.ipynb" in {item["name"] for item in json.loads(body)["content"]}
         # The view's "Connect" link, as the proxy forwards it (same path), logs in by its token.

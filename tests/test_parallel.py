@@ -136,10 +136,24 @@ def test_plain_python_and_a_batch_script_without_srun_are_one_process():
     assert train.detect_launch(batch_step).world_size == 1
 
 
-@pytest.mark.parametrize("nodelist,first", [("node1", "node1"), ("node[1-2]", "node1"), ("a01,a02", "a01"),
-                                            ("gpu-[003-004]", "gpu-003")])
+@pytest.mark.parametrize("nodelist,first", [
+    ("node1", "node1"), ("node[1-2]", "node1"), ("a01,a02", "a01"), ("gpu-[003-004]", "gpu-003"),
+    ("nid[001-002]-ib", "nid001-ib"),                       # a suffix after the brackets (HPE Cray)
+    ("gpu[07-08,11],cpu3", "gpu07"), ("r[1-2]n[01-04]", "r1n01"),  # several ranges, several brackets
+    ("x1000c0s0b0n[0-1],x1000c0s1b0n0", "x1000c0s0b0n0"), ("n[5,1-3]", "n5")])
 def test_first_host_of_a_node_list(nodelist, first):
     assert train.first_host(nodelist) == first
+
+
+def test_a_node_list_that_is_not_one_is_a_one_line_error():
+    with pytest.raises(data.UserError, match=r"cannot read the Slurm node list 'gpu\[07-'"):
+        train.first_host("gpu[07-")
+
+
+def test_srun_ranks_meet_on_the_first_node_of_their_step_not_of_the_job():
+    step = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "3", "SLURM_JOB_ID": "77",
+            "SLURM_JOB_NODELIST": "gpu[01-04]", "SLURM_STEP_NODELIST": "gpu[03-04]"}
+    assert train.detect_launch(step).master_addr == "gpu03"
 
 
 # --- independent runs ------------------------------------------------------------------------

@@ -159,21 +159,6 @@ def test_wandb_offline_logs_the_config_without_network(tiny_data, tmp_path):
     assert len(starts) == 2 and len(ids) == 1 and ids == {resilience.wandb_run_id(out)}
 
 
-@pytest.mark.parametrize("device,bf16_gpu,amx,amp,expected", [
-    ("cuda", True, False, "auto", torch.bfloat16),   # Ampere and later
-    ("cuda", False, False, "auto", torch.float16),   # V100: fp16 with a gradient scaler
-    ("cpu", False, True, "auto", torch.bfloat16),    # a CPU with AMX matrix units
-    ("cpu", False, False, "auto", None),             # any other CPU: fp32
-    ("cpu", False, False, "bf16", torch.bfloat16),   # asked for: given, measured in the ladder
-    ("cuda", True, False, "off", None),
-    ("cuda", True, False, "fp16", torch.float16),
-])
-def test_mixed_precision_auto_picks_what_the_hardware_runs_fast(monkeypatch, device, bf16_gpu, amx, amp, expected):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_gpu)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    assert train.pick_precision(amp, torch.device(device)) == expected
-
-
 def test_the_gradient_scaler_runs_only_with_fp16(tiny_data, tmp_path):
     for amp, scaled in [("off", False), ("fp16", True)]:
         fit(tiny_data, tmp_path / amp, "--epochs", 1, "--max-steps", 2, "--amp", amp)

@@ -10,9 +10,12 @@
 # gres.conf are symlinked into /etc/slurm/, where Debian's clients (sinfo, sbatch,
 # srun, ...) look by default, so no environment variable is needed afterwards.
 #
-# Layout: munged (shared, real), one slurmctld, and two slurmd (node1 on
-# 127.0.0.1, node2 on 127.0.0.2), each slurmd in its own UTS namespace so that
-# `hostname` inside a task prints node1 / node2 like on a real cluster.
+# Layout: munged (shared, real), one slurmctld, and four slurmd (node1 to node3 on
+# 127.0.0.1 to 127.0.0.3 with fake GPUs; node4 on 127.0.0.4, without), each slurmd in
+# its own UTS namespace so that `hostname` inside a task prints node1 ... node4 like
+# on a real cluster. Each node advertises 2 cores and
+# Slurm binds tasks to them (task/affinity). Jobs are submitted as an ordinary
+# user, $JOB_USER, which `up` creates.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -20,7 +23,11 @@ STATE="${SLURM_STATE_DIR:-/tmp/course-slurm}"
 CTLD_PORT=6817
 NODE1_PORT=6818
 NODE2_PORT=6819
-NODES=(node1 node2)
+NODE3_PORT=6820
+NODE4_PORT=6821
+NODES=(node1 node2 node3 node4)
+CPUS=2             # cores each node advertises: real ones (0 and 1), bound with task/affinity
+JOB_USER=${COURSE_SLURM_USER:-learner}   # the ordinary user the tests submit as
 UP_TIMEOUT=60      # seconds to wait for both nodes to become usable
 STOP_TIMEOUT=10    # seconds between SIGTERM and SIGKILL in `down`
 PKGS=(slurmctld slurmd slurm-client munge)
@@ -102,7 +109,8 @@ write_config() {
     host=$(hostname -s)
     for f in slurm.conf gres.conf; do
         sed -e "s|@STATE@|$STATE|g" -e "s|@CTLD_HOST@|$host|g" -e "s|@CTLD_PORT@|$CTLD_PORT|g" \
-            -e "s|@NODE1_PORT@|$NODE1_PORT|g" -e "s|@NODE2_PORT@|$NODE2_PORT|g" \
+            -e "s|@NODE1_PORT@|$NODE1_PORT|g" -e "s|@NODE2_PORT@|$NODE2_PORT|g" -e "s|@NODE3_PORT@|$NODE3_PORT|g" -e "s|@NODE4_PORT@|$NODE4_PORT|g" \
+            -e "s|@CPUS@|$CPUS|g" -e "s|@JOB_USER@|$JOB_USER|g" \
             "$HERE/$f.in" >"$STATE/etc/$f.new"
         cmp -s "$STATE/etc/$f.new" "$STATE/etc/$f" || changed=1
     done
@@ -117,7 +125,10 @@ write_config() {
 }
 
 any_daemon_alive() {
-    alive slurmctld slurmctld || alive slurmd-node1 slurmd || alive slurmd-node2 slurmd
+    local node
+    alive slurmctld slurmctld && return 0
+    for node in "${NODES[@]}"; do alive "slurmd-$node" slurmd && return 0; done
+    return 1
 }
 
 # /etc/slurm/<f> -> state dir. A foreign regular file is kept as <f>.orig once.
@@ -131,12 +142,12 @@ link_into_etc() {
     ln -sfn "$STATE/etc/$f" "$target"
 }
 
-# Jobs read MASTER_ADDR etc. from the node list, so node1/node2 must resolve.
+# Jobs read MASTER_ADDR etc. from the node list, so the node names must resolve.
 # Append-only: /etc/hosts may be a bind mount that sed -i cannot replace.
 ensure_hosts() {
     local name addr
-    for name in node1 node2; do
-        [[ $name == node1 ]] && addr=127.0.0.1 || addr=127.0.0.2
+    for name in "${NODES[@]}"; do
+        addr=127.0.0.${name#node}
         if ! grep -Eq "^[[:space:]]*[^#[:space:]]+[[:space:]]+(.*[[:space:]])?$name([[:space:]]|\$)" /etc/hosts; then
             echo "$addr $name # $MARKER" >>/etc/hosts
         fi
@@ -227,7 +238,7 @@ wait_until_usable() {
         # can clean up even if this wait fails.
         record_namespaces
         nodes_usable && return 0
-        for d in slurmctld slurmd-node1 slurmd-node2; do
+        for d in slurmctld "${NODES[@]/#/slurmd-}"; do
             running "$(<"$(pidfile "$d")")" || die "$d exited; see $STATE/log/$d.log"
         done
         sleep 0.2
@@ -240,8 +251,9 @@ wait_until_usable() {
 
 summary() {
     echo "Slurm test cluster up: state $STATE, config /etc/slurm/slurm.conf -> $STATE/etc/slurm.conf"
+    echo "  submit jobs as $JOB_USER (e.g. runuser -u $JOB_USER -- sbatch ...); site settings: tests/slurm/README.md"
     local n
-    for n in munged slurmctld slurmd-node1 slurmd-node2; do
+    for n in munged slurmctld "${NODES[@]/#/slurmd-}"; do
         if [[ -s $(pidfile "$n") ]]; then
             printf '  %-13s pid %s\n' "$n" "$(<"$(pidfile "$n")")"
         else
@@ -252,9 +264,42 @@ summary() {
 }
 
 # ---------------------------------------------------------------- commands
+# The ordinary user the tests submit jobs as: staging, run directories, TORCH_HOME and
+# requeueing then meet the permissions a learner meets.
+ensure_job_user() {
+    id -u "$JOB_USER" >/dev/null 2>&1 && return 0
+    log "creating the user $JOB_USER for jobs"
+    useradd --create-home --shell /bin/bash "$JOB_USER"
+}
+
+# Jobs run the course's .venv as $JOB_USER. Its python links to the interpreter it was made
+# from, which may sit in root's home (pyenv): let the user traverse (not list) every directory
+# above it. Traversal is all that o+x gives.
+let_job_user_reach_python() {
+    local python dir
+    python=$(readlink -f "$HERE/../../.venv/bin/python" 2>/dev/null) || return 0
+    [[ -x $python ]] || return 0
+    dir=$(dirname "$python")
+    while [[ $dir != / ]]; do
+        if [[ $(stat -c %A "$dir") != *x ]]; then
+            log "letting $JOB_USER traverse $dir (o+x) to run $python"
+            chmod o+x "$dir"
+        fi
+        dir=$(dirname "$dir")
+    done
+}
+
+# The nodes advertise cores 0..CPUS-1 of this machine; they must exist for the binding.
+check_cores() {
+    (($(nproc --all) >= CPUS)) || die "this machine has $(nproc --all) CPU(s); the test nodes need $CPUS"
+}
+
 cmd_up() {
     need_root
+    check_cores
     install_packages
+    ensure_job_user
+    let_job_user_reach_python
     mkdir -p "$STATE"
     write_config
     ensure_hosts

@@ -58,7 +58,7 @@ ADDED_BY_TESTS = "added-by-tests"
 MARKER = ".built-by-build_site"  # in every site this tool writes; it only ever replaces such a directory
 
 # The lessons in teaching order. Every notebook in notebooks/ must be listed here.
-TEACHING_ORDER = ("data", "model", "train", "sweep", "train_dp", "train_ddp", "benchmark")
+TEACHING_ORDER = ("data", "model", "train", "resilience", "sweep", "train_dp", "train_ddp", "speed", "benchmark")
 
 # The site's dataset: made once (scripts/data.py synthetic) and reused by later builds.
 SITE_DATA = {"classes": 10, "train": 40, "valid": 10, "test": 10, "image_size": 64}

@@ -13,7 +13,7 @@
 # ---
 
 # %% [markdown]
-# # 7. Performance: how close to the hardware's limit?
+# # 9. Performance: how close to the hardware's limit?
 #
 # The previous notebooks made training correct and then parallel. This one makes it
 # fast, one measured step at a time. For any configuration we measure three numbers, in

@@ -13,7 +13,7 @@
 # ---
 
 # %% [markdown]
-# # 4. Independent runs: the parallelism that needs no communication
+# # 5. Independent runs: the parallelism that needs no communication
 #
 # Before splitting **one** training over several GPUs, ask whether you need one training
 # at all. Choosing a learning rate or a batch size means training several models; each

@@ -311,9 +311,8 @@ def fit(cfg, device: torch.device | None = None, stop: StopRequest | None = None
 
 
 # %% [markdown]
-# `prepare` builds what the epochs need. The sampler is a `DistributedSampler` (lesson 7)
-# even with one process: with `num_replicas=1` it is a plain shuffle, reseeded by
-# `set_epoch` so every epoch has a new order that a resumed run can regenerate.
+# `prepare` builds what the epochs need: loaders, model, precision, optimizer, and the
+# run directory (`Run.start`, lesson 4), which resumes from `last.pt` when asked.
 
 # %%
 def prepare(cfg, rank: int, world_size: int, device: torch.device, log) -> Training:
@@ -325,12 +324,7 @@ def prepare(cfg, rank: int, world_size: int, device: torch.device, log) -> Train
     splits = load_splits(cfg.data, cfg.image_size, augment=cfg.augment, skip_bad=cfg.skip_bad_images,
                          gpu_decode=use_gpu_decode(cfg, device, log))
     check_sizes(cfg, world_size, len(splits["train"]), len(splits["valid"]))
-    sampler = ResumableSampler(splits["train"], num_replicas=world_size, rank=rank, shuffle=not cfg.no_shuffle,
-                               seed=cfg.seed)
-    sampler.seed_draws = cfg.augment  # each image's random crop from its own seed (lesson 4)
-    train_loader = make_loader(splits["train"], cfg.batch_size, cfg.workers, sampler=sampler)
-    val_loader = make_loader(splits["valid"], cfg.batch_size, cfg.workers,
-                             sampler=ShardSampler(len(splits["valid"]), rank, world_size))
+    sampler, train_loader, val_loader = build_loaders(cfg, splits, rank, world_size)
     torch.manual_seed(cfg.seed)  # the same initial head on every rank
     random.seed(cfg.seed)
     model = build_model(cfg.arch, len(splits["train"].classes), cfg.weights, cfg.finetune, log=log)
@@ -342,6 +336,23 @@ def prepare(cfg, rank: int, world_size: int, device: torch.device, log) -> Train
                     device, log, run_config(cfg, world_size, device, splits["train"].classes))
     return Training(cfg, out, splits, sampler, train_loader, val_loader, model, optimizer, scaler, dtype, run,
                     rank, world_size, device, log)
+
+
+# %% [markdown]
+# The loaders: the training sampler shuffles (a new order every epoch, the same on every
+# rank) and gives each rank its share; the validation sampler gives every image to
+# exactly one rank (lesson 7).
+
+# %%
+def build_loaders(cfg, splits: dict, rank: int, world_size: int):
+    """The training sampler, the training loader and the validation loader of this process."""
+    sampler = ResumableSampler(splits["train"], num_replicas=world_size, rank=rank, shuffle=not cfg.no_shuffle,
+                               seed=cfg.seed)
+    sampler.seed_draws = cfg.augment  # each image's random crop from its own seed (lesson 4)
+    train_loader = make_loader(splits["train"], cfg.batch_size, cfg.workers, sampler=sampler)
+    val_loader = make_loader(splits["valid"], cfg.batch_size, cfg.workers,
+                             sampler=ShardSampler(len(splits["valid"]), rank, world_size))
+    return sampler, train_loader, val_loader
 
 
 # %% [markdown]

@@ -25,6 +25,8 @@ def small_parameters(name: str, data_dir: Path, tmp: Path) -> dict:
         "data": {**common, "batch_size": 8, "max_workers": 2, "batches_to_time": 3},
         "model": {"num_classes": 6, "image_size": 32, "arch": "resnet18"},
         "train": {**common, "epochs": 2, "batch_size": 8, "workers": 0, "out_dir": str(tmp / "run")},
+        "resilience": {**common, "epochs": 2, "batch_size": 8, "out_dir": str(tmp / "run")},
+        "speed": {**common, "batch_size": 8, "out_dir": str(tmp / "run")},
         "sweep": {**common, "epochs": 1, "sweep_file": str(ROOT / "slurm" / "sweep.csv"), "runs_dir": str(tmp / "runs")},
         "train_dp": {**common, "epochs": 1, "batch_size": 8, "workers": 0, "out_dir": str(tmp / "run")},
         "train_ddp": {**common, "epochs": 1, "batch_size": 8, "processes": 2, "out_dir": str(tmp / "run")},

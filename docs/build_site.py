@@ -73,6 +73,8 @@ def site_parameters(name: str, data_dir: str, work: Path) -> dict:
         "model": {"num_classes": SITE_DATA["classes"], "image_size": SITE_DATA["image_size"], "arch": "resnet18"},
         "train": {**common, "arch": "resnet18", "weights": "none", "epochs": 3, "batch_size": 32, "workers": 1,
                   "out_dir": str(work / "run")},
+        "resilience": {**common, "image_size": 32, "epochs": 2, "batch_size": 8, "out_dir": str(work / "run")},
+        "speed": {**common, "batch_size": 16, "out_dir": str(work / "run")},
         "sweep": {**common, "image_size": 32, "epochs": 2, "sweep_file": str(SLURM / "sweep.csv"), "runs_dir": str(work / "runs")},
         "train_dp": {**common, "epochs": 2, "batch_size": 32, "workers": 1, "out_dir": str(work / "run")},
         "train_ddp": {**common, "epochs": 2, "batch_size": 16, "processes": 2, "out_dir": str(work / "run")},

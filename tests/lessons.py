@@ -5,7 +5,7 @@
     python tests/lessons.py --measure [NAME ...]  # run notebooks as shipped, record their run time
 
 A notebook's time estimate is the same for every notebook: reading its markdown at 200 words a
-minute, plus its measured run time with the parameters it ships with (what a learner runs, on
+minute and its lesson-flow code at 10 lines a minute, plus its measured run time with the parameters it ships with (what a learner runs, on
 the test machine: 2 cores; `--measure` records it in docs/lesson-times.json with a hash of the
 code, so that a changed notebook asks to be measured again), plus 5 minutes per exercise.
 
@@ -35,6 +35,7 @@ MAX_CELL_LINES = 25         # a lesson-flow code cell fits on one screen
 FIRST_OUTPUT_WITHIN = 5     # something runs and shows a result within the first code cells
 FLOW_BUDGET = 1070          # all notebooks' lesson-flow code lines (2,147 before the re-cut)
 READING_WORDS_PER_MINUTE = 200
+READING_CODE_LINES_PER_MINUTE = 10
 MINUTES_PER_EXERCISE = 5
 STATED_TIME = re.compile(r"\*\*Time:\*\*\s*about\s+(\d+)\s*min", re.I)
 EXERCISE_CHECK = re.compile(r"Not yet\. Hint:")
@@ -83,7 +84,8 @@ class Lesson:
     def estimated_minutes(self) -> float | None:
         if self.run_seconds is None:
             return None
-        return self.words / READING_WORDS_PER_MINUTE + self.run_seconds / 60 + MINUTES_PER_EXERCISE * self.exercises
+        return (self.words / READING_WORDS_PER_MINUTE + self.flow_lines / READING_CODE_LINES_PER_MINUTE
+                + self.run_seconds / 60 + MINUTES_PER_EXERCISE * self.exercises)
 
 
 def measure(notebook: Path, executed: Path | None = None) -> Lesson:

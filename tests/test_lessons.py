@@ -62,7 +62,8 @@ def test_every_exercise_checks_itself_and_every_discussion_has_a_model_answer(na
 
 @pytest.mark.parametrize("name", notebook_names())
 def test_every_notebook_states_an_honest_time(name):
-    """Reading at 200 words a minute + the measured run time + 5 minutes per exercise, within a third."""
+    """Reading at 200 words and 10 lines of code a minute + the measured run time + 5 minutes per exercise,
+    within a third."""
     lesson = static(name)
     assert lesson.stated_minutes, f"notebooks/{name}.ipynb does not say `**Time:** about N minutes`"
     assert lesson.run_seconds is not None, (

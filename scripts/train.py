@@ -699,9 +699,11 @@ def check_gpu_kernels(index: int = 0) -> None:
 # though its job asked for several tasks. Rank 0 runs on the first node of the *step*,
 # which is not the job's first node when a step uses part of the job. Node lists come in
 # Slurm's compressed form (`gpu[07-08,11]`, `nid[001-002]-ib`); `python-hostlist` reads
-# them as `scontrol show hostnames` would. Under `torchrun` or `srun` even a single
-# process joins a process group (of one): DDP with its overhead, and on one GPU the
-# cheapest check that nccl works.
+# them as `scontrol show hostnames` would. Under `torchrun` even a single process joins a
+# process group (of one): DDP with its overhead, and on one GPU the cheapest check that
+# nccl works. A job step of one task (`srun python train.py`, `srun --ntasks=1` in a sweep)
+# is a plain process: several such steps run side by side in one job, and as process
+# groups they would all try to meet on the job's one port.
 
 # %%
 @dataclass(frozen=True)
@@ -739,10 +741,10 @@ def detect_launch(env=os.environ) -> Launch:
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (or any env:// launcher)
         return Launch("torchrun", int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
-    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:  # a task of an srun job step
+    step_tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and step_tasks > 1:  # a task of an srun job step
         return Launch("srun", int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)),
-                      int(env.get("SLURM_NTASKS", 1)),
-                      env.get("MASTER_ADDR") or first_host(step_nodelist(env)),
+                      step_tasks, env.get("MASTER_ADDR") or first_host(step_nodelist(env)),
                       int(env.get("MASTER_PORT") or port_for_job(env.get("SLURM_JOB_ID", "0"))))
     return Launch("python", 0, 0, 1)
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 
+import matplotlib
 import pytest
 import torch
 
@@ -29,7 +30,10 @@ def test_the_ladder_reports_every_row_with_its_ratios(tiny_data, tmp_path, capsy
     rows = {row["row"]: row for row in result["rows"]}
     assert list(rows) == [step.name for step in benchmark.LADDER] + ["finetune original", "finetune best"]
     assert rows["original"]["x_original"] == 1.0 and rows["original"]["kept"]
-    assert "--no-normalize --train-mode-backbone --default-loader" in rows["original"]["options"]
+    assert rows["original"]["options"] == "--optimizer adam --amp off --no-normalize --train-mode-backbone --original-loader"
+    for row in rows.values():  # every measured figure with its spread: min <= median <= max
+        for key, spread in row["spread"].items():
+            assert spread is None or spread["min"] <= spread["median"] == row[f"{key}_ips"] <= spread["max"], row
     for name in ["original", "normalise+eval", "loader", "channels_last", "cache", "finetune original"]:
         row = rows[name]
         assert row["loader_ips"] > 0 and row["model_ips"] > 0 and row["train_ips"] > 0, row
@@ -182,9 +186,12 @@ def test_gpu_monitor_records_while_the_job_runs_and_stops_at_exit(tmp_path):
     assert without.returncode == 0 and "no nvidia-smi" in without.stdout and not (tmp_path / "cpu").exists()
 
 
-def write_run(path, world_size: int, rates: list[float], visible_gpus: int = 1):
+def write_run(path, world_size: int, rates: list[float], visible_gpus: int = 1, **options):
     path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"world_size": world_size, "visible_gpus": visible_gpus}))
+    options = {"arch": "resnet18", "image_size": 64, "batch_size": 16, "amp": "off", "finetune": False,
+               "weights": "none", "data": "data/birds", **options}
+    (path / "config.json").write_text(json.dumps({"world_size": world_size, "visible_gpus": visible_gpus,
+                                                  "options": options}))
     (path / "metrics.jsonl").write_text("".join(json.dumps({"epoch": i + 1, "images_per_sec": r}) + "\n"
                                                 for i, r in enumerate(rates)))
     return path
@@ -193,7 +200,7 @@ def write_run(path, world_size: int, rates: list[float], visible_gpus: int = 1):
 def test_scaling_gives_speed_up_and_efficiency_against_one_device(tmp_path, capsys):
     single = write_run(tmp_path / "single", 1, [90, 100, 100])
     independent = [write_run(tmp_path / f"ind{i}", 1, [100, 100]) for i in range(2)]
-    dp = write_run(tmp_path / "dp", 1, [150], visible_gpus=2)
+    dp = write_run(tmp_path / "dp", 1, [150], visible_gpus=2, batch_size=32, data_parallel=True)  # 16 per GPU
     ddp = write_run(tmp_path / "ddp", 4, [300, 320, 320])
     assert benchmark.main(["scaling", "--single", str(single), "--independent", *map(str, independent),
                            "--dp", str(dp), "--ddp", str(ddp), "--plot", str(tmp_path / "scaling.png")]) == 0
@@ -202,6 +209,73 @@ def test_scaling_gives_speed_up_and_efficiency_against_one_device(tmp_path, caps
         ("single", 1, 1.0), ("independent", 2, 2.0), ("dp", 2, 1.5), ("ddp", 4, 3.2)]
     assert points[3]["efficiency"] == pytest.approx(0.8)
     out = capsys.readouterr().out
-    assert "V100 workshop" in out and (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+    assert "V100" not in out and (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(data.UserError, match="is not a finished run directory"):
         benchmark.scaling_points(tmp_path / "nothing", [], [], [])
+
+
+@pytest.mark.parametrize("difference,message", [
+    ({"image_size": 32}, "runs differ in image size: .*single has 64, .*other has 32"),
+    ({"arch": "resnet152"}, "runs differ in architecture: .*single has resnet18, .*other has resnet152"),
+    ({"batch_size": 8}, "runs differ in batch per device: .*single has 16, .*other has 8"),
+    ({"finetune": True}, "runs differ in fine-tuning"),
+    ({"amp": "bf16"}, "runs differ in precision")])
+def test_scaling_refuses_runs_that_did_different_work(tmp_path, capsys, difference, message):
+    single = write_run(tmp_path / "single", 1, [100])
+    other = write_run(tmp_path / "other", 2, [300], **difference)
+    with pytest.raises(data.UserError, match=message):
+        benchmark.scaling_points(single, [], [], [other])
+    err = one_line_exit_2(benchmark.main, ["scaling", "--single", single, "--ddp", other], capsys)
+    assert "scaling compares only runs that did the same work" in err
+
+
+def spread(median: float, half: float) -> benchmark.Spread:
+    return benchmark.Spread(median - half, median, median + half)
+
+
+def test_a_row_is_kept_only_when_faster_beyond_the_noise(tiny_data, tmp_path, monkeypatch):
+    """Stubbed measurements: end to end per row (median, +-), and a ceiling far above unless the row says."""
+    measured = {"original": (50, 2), "normalise+eval": (60, 2), "loader": (61, 3), "channels_last": (90, 2),
+                "amp": (95, 1), "cache": (400, 10)}
+    above_ceiling = {"amp"}
+    calls = iter(step.name for step in benchmark.LADDER if step.name in measured)
+
+    def stub_measure(cfg, rt, ceilings=None):
+        name = next(calls)
+        median, half = measured[name]
+        ceiling = spread(median * (0.9 if name in above_ceiling else 2), 1)
+        return {"loader": spread(500, 1), "model": ceiling, "train": spread(median, half)}
+    monkeypatch.setattr(benchmark, "measure", stub_measure)
+    monkeypatch.setattr(benchmark, "probe_step_rate", lambda cfg, rt: 1000.0)
+    cfg = benchmark.parse_config("ladder", ["--data", str(tiny_data), *TINY_BENCH, "--out", str(tmp_path)])
+    rows = {r["row"]: r for r in benchmark.ladder(cfg, benchmark.BenchmarkRuntime(torch.device("cpu")))}
+    assert {name: (rows[name]["kept"], rows[name]["note"]) for name in measured} == {
+        "original": (True, ""), "normalise+eval": (True, ""),
+        "loader": (False, "within noise of normalise+eval"),           # 58-64 overlaps 58-62
+        "channels_last": (True, ""),
+        "amp": (False, "within noise: end to end above its own ceiling"),
+        "cache": (True, "")}
+    assert [name for name in measured if rows[name]["within_noise"]] == ["loader", "amp"]
+    assert rows["cache"]["spread"]["train"] == {"min": 390, "median": 400, "max": 410}
+    table = benchmark.format_table(list(rows.values()))
+    assert "61.0 ±5%" in table and "within noise of normalise+eval" in table
+    fig = benchmark.plot_ladder(list(rows.values()))
+    colours = [tuple(bar.get_facecolor()[:3]) for bar in fig.axes[0].patches]
+    orange = matplotlib.colors.to_rgb("tab:orange")
+    assert colours.count(orange) == 2, "the two rows within noise are orange in the chart"
+
+
+def test_the_original_row_loads_data_as_the_original_did(tiny_data, monkeypatch):
+    """12 workers capped to the CPUs, no pinned memory, workers started every epoch, last batch dropped."""
+    original = next(step for step in benchmark.LADDER if step.name == "original").changes
+    assert original == {"normalize": False, "backbone_eval": False, "original_loader": True, "channels_last": False,
+                        "amp": "off", "compile": False, "cache_features": False, "gpu_decode": False,
+                        "optimizer": "adam", "cudnn_benchmark": False}
+    monkeypatch.setattr(benchmark, "available_cpus", lambda: 3)
+    cfg = benchmark.parse_config("run", ["--data", str(tiny_data), *TINY_BENCH, "--original-loader"])
+    images = benchmark.benchmark_images(cfg, benchmark.BenchmarkRuntime(torch.device("cpu")))
+    loader = benchmark.benchmark_loader(images, cfg)
+    assert (loader.num_workers, loader.pin_memory, loader.persistent_workers) == (3, False, False)
+    assert loader.batch_sampler.drop_last and len(loader) == 16 // 8
+    monkeypatch.setattr(benchmark, "available_cpus", lambda: 32)
+    assert benchmark.benchmark_loader(images, cfg).num_workers == 12

@@ -136,6 +136,17 @@ def test_plain_python_and_a_batch_script_without_srun_are_one_process():
     assert train.detect_launch(batch_step).world_size == 1
 
 
+def test_a_job_step_of_one_task_is_one_process_not_ddp():
+    """Sweep steps (`srun --ntasks=1 ... &`) run side by side: as process groups they would share one port."""
+    one_task = {"SLURM_PROCID": "0", "SLURM_STEP_ID": "2", "SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "1",
+                "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node1"}
+    assert train.detect_launch(one_task) == train.Launch("python", 0, 0, 1)
+    job_of_four_step_of_one = dict(one_task, SLURM_NTASKS="4")  # the step's count wins over the job's
+    assert train.detect_launch(job_of_four_step_of_one).launcher == "python"
+    two_tasks = dict(one_task, SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="2")
+    assert train.detect_launch(two_tasks) == train.Launch("srun", 0, 0, 2, "node1", train.port_for_job("77"))
+
+
 @pytest.mark.parametrize("nodelist,first", [
     ("node1", "node1"), ("node[1-2]", "node1"), ("a01,a02", "a01"), ("gpu-[003-004]", "gpu-003"),
     ("nid[001-002]-ib", "nid001-ib"),                       # a suffix after the brackets (HPE Cray)

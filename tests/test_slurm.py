@@ -530,7 +530,8 @@ def test_sbatch_gpu_check(pool):
     # The same CPU cores per device for every run: the job's one core, at least one worker each.
     workers = {run: json.loads((check_dir / run / "config.json").read_text())["options"]["workers"]
                for run in ["single", "dp", "ddp"]}
-    assert workers == {"single": 1, "dp": 2, "ddp": 1}
+    assert workers == {"single": 1, "dp": 1, "ddp": 1}, "dp asks for 2 workers: capped to the job's one core"
+    assert "notice: --workers 2 is more than the 1 CPU(s) available: using 1" in (check_dir / "dp.log").read_text()
     rows = [row["row"] for row in json.loads((check_dir / "ladder.json").read_text())["rows"]]
     assert rows[0] == "original" and rows[-1] == "finetune best" and len(rows) == 11
     assert (check_dir / "scaling.png").stat().st_size > 0 and "9 ok, 0 failed, 3 skipped" in job.output

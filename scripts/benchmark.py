@@ -24,8 +24,8 @@
 # - read the **ladder**: the original workshop's configuration, then one optimisation per row;
 # - compare scaling runs only when they did the same work.
 #
-# **Time:** about 25 minutes. Core: the first three sections and the ladder; the profiler
-# and scaling sections are optional.
+# **Time:** about 30 minutes. Core: everything up to the exercises but the sections
+# marked optional (the profiler, scaling).
 #
 # For any configuration we measure three numbers, in images per second: **the input
 # pipeline alone** (the `DataLoader` and the copy to the device, no model); **the model
@@ -208,14 +208,9 @@ def timed_epoch(setup, loader, cfg, rt, epoch: int = 0) -> float:
 # %% [markdown]
 # ### One configuration (collapsed: the options and the set-up)
 #
-# A configuration is every option of `train.py` (the benchmark uses its parser) plus
-# three switches that bring back what the original workshop did and the course does not:
-# `--no-normalize` (`ToTensor()` only), `--train-mode-backbone` (`model.train()` puts the
-# frozen backbone's BatchNorm layers in training mode) and `--original-loader` (the
-# original's `DataLoader(dataset, 64, shuffle=True, num_workers=12, drop_last=True)`:
-# 12 workers, capped to the CPUs this process may use, no pinned memory, workers started
-# again every epoch). The weights are random unless you ask for others: the speed does
-# not depend on their values, and the backbone stays frozen unless `--finetune`.
+# A configuration is every option of `train.py` plus three switches that bring back what
+# the original did: `--no-normalize`, `--train-mode-backbone` and `--original-loader`.
+# The weights are random: the speed does not depend on their values.
 
 # %% jupyter={"source_hidden": true}
 COMMANDS = {
@@ -308,18 +303,14 @@ def build_setup(cfg, rt, num_classes: int) -> Setup:
     return Setup(model, torch.compile(model) if cfg.compile else model, train.build_optimizer(cfg, model),
                  torch.amp.GradScaler(rt.device.type, enabled=dtype == torch.float16), dtype)
 
-# %% [markdown]
-# ### Cached features: timing a whole run (collapsed)
-#
-# With `--cache-features` the work is not the same in every step: one pass computes the
-# backbone's features of every image, then each of the `--epochs` epochs trains only the
-# head. So this row times the whole run and reports the training images of all epochs
-# divided by the total time. Its ceiling is the same run with the images already on the
-# device.
-
 # %% jupyter={"source_hidden": true}
 def cached_rates(setup, images, stream, cfg, rt) -> tuple[Spread, Spread]:
-    """(end-to-end, ceiling) images/s of a whole --epochs run with cached features."""
+    """(end-to-end, ceiling) images/s of a whole --epochs run with cached features.
+
+    The work is not the same in every step (one pass of the backbone over the images, then
+    the head for every epoch), so this row times the whole run: the training images of all
+    epochs divided by the total time. Its ceiling is the same run with the images on the device.
+    """
     model, batch = setup.model, next(on_device(stream, cfg, rt))[0]
 
     def backbone(steps: int) -> float:
@@ -397,25 +388,14 @@ def probe_step_rate(cfg, rt) -> float:
 # %% [markdown]
 # ## The ladder
 #
-# The ladder starts from the original workshop's configuration, as its batch files ran it,
-# and adds one optimisation per row, on the same images, in one process, so every row is
-# comparable. Each row changes the last row that was **kept**:
-#
-# | row | what changes | why it can help | when it does not |
-# |---|---|---|---|
-# | `original` | the workshop's setup: fp32, `ToTensor()` only, `model.train()` on the frozen backbone, Adam, 12 loader workers (capped to the CPUs), no pinning | | |
-# | `normalise+eval` | ImageNet normalisation; the frozen backbone in eval mode | correctness first: the inputs the weights expect, BatchNorm statistics that do not drift | |
-# | `loader` | workers from the allocation, pinned memory, persistent workers, prefetching | no worker start-up every epoch, faster copies | when the CPUs are busy computing the model (a CPU-only run) |
-# | `cudnn-benchmark` | cuDNN times its convolution algorithms and keeps the fastest | the default is not always the fastest | needs CUDA; changing shapes re-time |
-# | `channels_last` | NHWC memory layout of weights and images | convolution kernels prefer it | layers without support convert back and forth |
-# | `amp` | bf16 autocast (fp16 and a scaler on GPUs without bf16) | half the bytes, tensor cores | CPUs without bf16 hardware emulate it, many times slower |
-# | `compile` | `torch.compile` | fuses element-wise operations | compiles first; small gain when convolutions dominate |
-# | `cache` | the frozen backbone's features computed once | the backbone runs once instead of every epoch | not with `--finetune` or `--augment` |
-# | `gpu-decode` | JPEGs decoded on the GPU | frees the CPUs | needs CUDA |
-#
-# With `--finetune` two more rows follow: the original and the best configuration with
-# every layer training. The original's validation (with autograd on) is not part of the
-# ladder: every row times training steps only.
+# The ladder starts from the original workshop's configuration, as its batch files ran it
+# (fp32, `ToTensor()` only, `model.train()` on the frozen backbone, Adam, 12 loader
+# workers capped to the CPUs, no pinned memory), then adds one change per row, on the same
+# images, in one process: `normalise+eval` (correctness first), `loader` (the course's
+# loader), then the switches of lesson 8, whose table says why each can help and when it
+# does not. Each row changes the last row that was **kept**. With `--finetune` two rows
+# follow with every layer training. Every row times training steps only: the original's
+# validation (with autograd on) is not part of the ladder.
 
 # %%
 ORIGINAL = {"normalize": False, "backbone_eval": False, "original_loader": True, "channels_last": False,
@@ -563,11 +543,10 @@ def ladder(cfg, rt) -> list[dict]:
 # %% [markdown]
 # ### The report (collapsed)
 #
-# A table on the terminal, the same rows as JSON (with the machine, the versions, the
-# spread of every figure and the command that produced them) and a bar chart.
-# `x original` is end-to-end images/s divided by the original row's; `of ceiling` is
-# end to end divided by the same row's model-only figure; `±` is half the range between
-# the slowest and the fastest repeat, relative to the median.
+# A table, the same rows as JSON (machine, versions, every figure's min, median and max,
+# the command) and a chart. `x original`: end to end over the original row's; `of
+# ceiling`: end to end over the same row's model-only figure; `±`: half the range of the
+# repeats, relative to the median.
 
 # %% jupyter={"source_hidden": true}
 def format_table(rows: list[dict]) -> str:
@@ -693,20 +672,15 @@ def report(command: str, cfg, rt, rows: list[dict], argv: list[str]) -> dict:
 # %% [markdown]
 # ### Reading the ladder
 #
-# * **The spread first.** A `±` as large as the gap between two rows means this run
-#   cannot tell them apart; such rows say *within noise*, are orange in the chart, and are
-#   never kept. More `--steps` and `--repeats`, and a quiet machine, shrink the spread.
-# * **`original` → `loader`**: on a GPU the original's 12 workers, started again every
-#   epoch without pinned memory, can leave the GPU waiting; on a CPU-only run the workers
-#   decode on the same cores that compute the model, and more of them rarely helps.
-# * **`amp` on a CPU**: bf16 is fast only on CPUs built for it (AMX). On an AVX2-only CPU
-#   it is emulated, many times slower than fp32; the ladder's quick probe catches that
-#   before wasting minutes. Never switch mixed precision on without measuring it.
-# * **`cache`**: the largest gain whenever the backbone is frozen: for `E` epochs the
-#   ideal gain is close to `E`. Valid only while the backbone's output for an image never
-#   changes: frozen weights, BatchNorm in eval mode, no random augmentation.
-# * **The GPU-only rows** (`cudnn-benchmark`, `compile`, `gpu-decode`) are skipped on a
-#   CPU. The warm-up steps absorb their one-off costs, which a short job pays in full.
+# * **The spread first.** A `±` as large as the gap between two rows means this run cannot
+#   tell them apart: such rows say *within noise*, are orange in the chart, and are never
+#   kept. More `--steps` and `--repeats`, and a quiet machine, shrink the spread.
+# * **`original` → `loader`**: on a GPU the original's workers, started again every epoch
+#   without pinned memory, can leave the GPU waiting; on a CPU the workers decode on the
+#   cores that compute the model.
+# * **`amp` on a CPU** is fast only on CPUs built for bf16 (AMX); elsewhere it is emulated,
+#   many times slower, and the ladder's quick probe stops measuring it.
+# * **`cache`** gains close to the number of epochs when the backbone is frozen.
 # * **`of ceiling` near 100 %**: the input pipeline keeps up; what is left is the model's
 #   own cost.
 
@@ -765,25 +739,7 @@ def report(command: str, cfg, rt, rows: list[dict], argv: list[str]) -> dict:
 # ```
 # </details>
 #
-# **2.** A frozen ResNet-152 spends nearly all its time in the backbone. Training for
-# 10 epochs, about how many times faster can cached features make the run, at best?
-
-# %% tags=["active-ipynb"]
-# best_gain = None  # your answer: a number
-
-# %% tags=["active-ipynb"]
-# print("Correct: the backbone runs once instead of 10 times." if best_gain == 10 else
-#       "Not yet. Hint: count how often the backbone sees each image without and with the cache.")
-
-# %% [markdown]
-# <details><summary>Solution</summary>
-#
-# ```python
-# best_gain = 10  # slightly less in practice: the head still trains every epoch
-# ```
-# </details>
-#
-# **3.** Two rows measured 50.0 img/s (min 46, max 55) and 53.0 img/s (min 51, max 56).
+# **2.** Two rows measured 50.0 img/s (min 46, max 55) and 53.0 img/s (min 51, max 56).
 # Is the second faster, as far as this measurement can tell? Answer `True` or `False`.
 
 # %% tags=["active-ipynb"]

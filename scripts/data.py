@@ -26,7 +26,7 @@
 # - turn a JPEG into a tensor normalised as the ImageNet weights expect
 # - set the `DataLoader`'s knobs, and choose `num_workers` from a measurement
 #
-# **Time:** about 20 minutes. The core path is everything up to the exercises; the section
+# **Time:** about 30 minutes. The core path is everything up to the exercises; the section
 # on staging is optional, and the appendix holds the support code behind the commands.
 #
 # **The dataset.** Kaggle's *BIRDS 525 SPECIES* has one folder per split and one folder

@@ -26,7 +26,7 @@
 # - explain why a frozen backbone stays in evaluation mode while the head trains
 # - fetch the ImageNet weights on a login node, because compute nodes must not download
 #
-# **Time:** about 10 minutes, all of it core. The appendix holds the code that fetches and
+# **Time:** about 15 minutes, all of it core. The appendix holds the code that fetches and
 # loads the weights, and the command-line tool `scripts/model.py` (this notebook's export).
 
 # %% tags=["parameters", "active-ipynb"]

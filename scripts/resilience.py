@@ -27,7 +27,7 @@
 # - resume in the middle of an epoch without repeating or skipping an image;
 # - check that an interrupted and resumed run equals an uninterrupted one.
 #
-# **Time:** about 25 minutes. Core path: all of it up to the exercises; the appendix is the
+# **Time:** about 30 minutes. Core path: all of it up to the exercises; the appendix is the
 # bookkeeping (run directory lock, disk errors, option changes on resume, W&B).
 #
 # This notebook is also `scripts/resilience.py`, which `train.py` imports.

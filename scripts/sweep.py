@@ -42,7 +42,7 @@
 # - run independent trainings as job steps or as a job array, and know when to choose which;
 # - gather finished runs into one table and one plot.
 #
-# **Time:** about 15 minutes. All of it is core.
+# **Time:** about 20 minutes. All of it is core.
 #
 # This notebook is also `scripts/sweep.py`:
 #

@@ -29,7 +29,7 @@
 # - run the same training as a script, as a batch job will, and plot its curves;
 # - find any option in `train.py --help`.
 #
-# **Time:** about 30 minutes. All of it is core; the appendix (options, launchers) is
+# **Time:** about 35 minutes. All of it is core; the appendix (options, launchers) is
 # for reference.
 
 # %% tags=["parameters", "active-ipynb"]

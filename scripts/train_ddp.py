@@ -27,7 +27,7 @@
 # - explain why DDP gives the same weights as one process with a batch *W* times larger;
 # - count each validation image exactly once across processes.
 #
-# **Time:** about 30 minutes. All of it is core; the appendix is how this lesson finds
+# **Time:** about 20 minutes. All of it is core; the appendix is how this lesson finds
 # the DDP lines.
 #
 # ```bash

@@ -6,10 +6,12 @@ something, the exercises, and the time each notebook says it takes.
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import lessons
-from conftest import SCRIPTS
+from conftest import ROOT, SCRIPTS, load_build_site
 from test_notebooks import NOTEBOOKS, notebook_names
 
 DDP_BUDGET = 40  # lines of train.py that run only under DDP (the anchor tutorial's diff: ~40)
@@ -73,13 +75,24 @@ def test_every_notebook_states_an_honest_time(name):
         f"notebooks/{name}.ipynb says about {lesson.stated_minutes} minutes; the estimate is {estimate:.0f}")
 
 
+def readme_lessons() -> dict[str, tuple[str, int]]:
+    """The README's lesson table: notebook -> (core or optional, minutes)."""
+    rows = re.findall(r"^\| \d+ \| \[`(\w+)`\]\(notebooks/\1\.ipynb\) \|[^|]*\| (core|optional) \| (\d+) min \|",
+                      (ROOT / "README.md").read_text(), re.M)
+    return {name: (path, int(minutes)) for name, path, minutes in rows}
+
+
+def test_the_readme_lists_every_lesson_with_its_stated_time():
+    table = readme_lessons()
+    assert list(table) == list(load_build_site().TEACHING_ORDER), "the README's lesson table, in teaching order"
+    for name, (_, minutes) in table.items():
+        assert minutes == static(name).stated_minutes, f"README says {minutes} min for {name}, its notebook says otherwise"
+
+
 def test_the_core_path_fits_a_morning():
     """The README's core path: about 3 hours of notebooks on a laptop CPU."""
-    core = [static(name) for name in notebook_names() if name in CORE]
-    assert sum(lesson.stated_minutes or 0 for lesson in core) <= 200
-
-
-CORE = {"data", "model", "train", "resilience", "sweep", "train_ddp", "speed", "benchmark"}
+    core = [minutes for path, minutes in readme_lessons().values() if path == "core"]
+    assert len(core) >= 7 and sum(core) <= 200, f"the core path takes {sum(core)} minutes"
 
 
 def test_what_ddp_adds_to_train_py_is_a_short_list():

@@ -17,10 +17,19 @@ KIT = [DOCS / "instructor.md", DOCS / "cheatsheet.md", DOCS / "troubleshooting.m
 SBATCH_OPTION = re.compile(r"^#SBATCH\s+(--[\w-]+)", re.M)
 
 
-def notebook_markdown(name: str) -> str:
+def notebook_cells(name: str, kind: str) -> list[str]:
     import json
     cells = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())["cells"]
-    return "\n".join(source_of(c) for c in cells if c["cell_type"] == "markdown")
+    return [source_of(c) for c in cells if c["cell_type"] == kind]
+
+
+def notebook_markdown(name: str) -> str:
+    return "\n".join(notebook_cells(name, "markdown"))
+
+
+def answer_variables(name: str) -> list[str]:
+    """The variable each exercise asks for (`x = None  # your answer`), in the notebook's order."""
+    return re.findall(r"^(\w+) = None  # your answer", "\n".join(notebook_cells(name, "code")), re.M)
 
 
 def teaching_order() -> tuple[str, ...]:
@@ -56,24 +65,32 @@ def sections(markdown: str, level: str = "### ") -> dict[str, str]:
     return found
 
 
-def answered_exercises(section: str) -> set[int]:
-    return {int(n) for n in re.findall(r"^\|\s*(\d+)\s*\|\s*\S", section, re.M)}
+def answer_rows(section: str) -> dict[int, str]:
+    """Exercise number -> its row of the section's answer table."""
+    return {int(n): row for n, row in re.findall(r"^\|\s*(\d+)\s*\|(.*\S.*)\|$", section, re.M)}
 
 
 def missing_answers(guide: str) -> list[str]:
+    """Exercises without a row, or whose row does not name the variable the check reads."""
     lessons = sections(guide)
     missing = []
     for name in teaching_order():
-        numbers = {int(n) for n in NUMBERED_EXERCISE.findall(notebook_markdown(name))}
+        numbers = sorted(int(n) for n in NUMBERED_EXERCISE.findall(notebook_markdown(name)))
         if name not in lessons:
             missing.append(f"{name}: no section")
             continue
-        missing += [f"{name}: exercise {n}" for n in sorted(numbers - answered_exercises(lessons[name]))]
+        rows = answer_rows(lessons[name])
+        for number, variable in zip(numbers, answer_variables(name) + [None] * len(numbers)):
+            if number not in rows:
+                missing.append(f"{name}: exercise {number}")
+            elif variable and f"`{variable} = " not in rows[number]:
+                missing.append(f"{name}: exercise {number} does not give `{variable} = ...`")
     return missing
 
 
 def test_every_numbered_exercise_of_every_notebook_has_its_answer_in_the_instructors_guide():
-    assert sum(len(NUMBERED_EXERCISE.findall(notebook_markdown(n))) for n in teaching_order()) >= 9
+    numbered = sum(len(NUMBERED_EXERCISE.findall(notebook_markdown(n))) for n in teaching_order())
+    assert numbered >= 9 and numbered == sum(len(answer_variables(n)) for n in teaching_order())
     assert missing_answers((DOCS / "instructor.md").read_text()) == []
 
 
@@ -81,6 +98,8 @@ def test_a_missing_answer_is_found():
     guide = (DOCS / "instructor.md").read_text()
     without = re.sub(r"^\| 2 \| `array_line.*\n", "", guide, flags=re.M)
     assert without != guide and missing_answers(without) == ["sweep: exercise 2"]
+    renamed = guide.replace("`global_batch = 2 * 4 * 32`", "`batch = 2 * 4 * 32`")
+    assert missing_answers(renamed) == ["train_ddp: exercise 1 does not give `global_batch = ...`"]
 
 
 PLAN_ROW = re.compile(r"^\| (\d\d):(\d\d) \| (.+?) \| (\d+) \| (\w[\w-]*) \|$", re.M)

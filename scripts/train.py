@@ -102,10 +102,12 @@ from speed import (ProfiledLoader, autocast, cached_feature_loaders, pick_precis
 #
 # The textbook loop: forward, loss, backward, step. Three details matter for speed:
 # `zero_grad(set_to_none=True)` skips a memset, `non_blocking=True` (in `to_device`) lets
-# the CPU go on while a batch is copied to the GPU, and the loss is **summed on the
-# device** and read once per epoch, because `loss.item()` in every step would make the
-# CPU wait for the GPU. `steps` counts the steps, prints progress, and asks every few
-# steps whether a time-limit warning arrived (lesson 4); it is collapsed just below.
+# the CPU go on queueing work while a batch is copied from pinned memory to the GPU
+# (the GPU itself still finishes the copy before the forward pass: lesson 8), and the
+# loss is **summed on the device** and read once per epoch, because `loss.item()` in
+# every step would make the CPU wait for the GPU. `steps` counts the steps, prints
+# progress, and asks every few steps whether a time-limit warning arrived (lesson 4);
+# it is collapsed just below.
 
 # %% jupyter={"source_hidden": true}
 class EpochSteps:

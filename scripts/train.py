@@ -25,7 +25,8 @@
 #
 # **You will learn to:**
 # - write the training loop and a validation pass in eval mode, each on one screen;
-# - read a run directory: `config.json`, `metrics.jsonl`, `last.pt`, `best.pt`;
+# - read a run directory: `config.json`, `metrics.jsonl`, `last.pt`, `best.pt`, and the
+#   test score of the best model in `summary.json`;
 # - run the same training as a script, as a batch job will, and plot its curves;
 # - find any option in `train.py --help`.
 #

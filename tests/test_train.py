@@ -578,6 +578,17 @@ def test_the_warm_up_rises_linearly_per_step_then_the_cosine_continues():
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
 
 
+def test_after_a_mid_epoch_resume_the_schedule_counts_the_steps_of_the_whole_epoch():
+    """The warm-up is a function of the step within the whole epoch: a resume at step 10 of 12 sets the lr of
+    steps 10 and 11 of 12, not of steps 0 and 1 of 2."""
+    calls = []
+    start = {"step": 10, "loss_sum": 0.0, "seen": 0, "seconds": 0.0}
+    steps = train.EpochSteps(3, 2, torch.device("cpu"), None, start=start, log=lambda *a: None, bar=False,
+                             schedule=lambda *call: calls.append(call) or 0.5)
+    assert [step for step, _ in steps.enumerate(["batch 10", "batch 11"])] == [10, 11]
+    assert calls == [(3, 10, 12), (3, 11, 12)] and steps.lr == 0.5
+
+
 def test_the_header_prints_the_scaled_lr():
     assert train.lr_text(lr_cfg(), 4) == "lr 0.001"
     assert train.lr_text(lr_cfg("--lr-scaling", "linear", "--warmup-epochs", 1), 4) == \

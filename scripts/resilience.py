@@ -159,10 +159,10 @@ def agree_to_stop(stop: StopRequest | None, device: torch.device, diverged: torc
 # Weights alone are not enough. An exact resume needs everything that decides the next
 # step: the weights that train, the optimizer's state (Adam's moving averages), the
 # epoch and the step within it, the random number generators, and the metrics so far.
-# The learning rate need not be stored: it is a function of the epoch (a cosine, in
-# `train.py`). The frozen backbone is not stored either: it is the file the run started
-# from, identified by a hash, which keeps a ResNet-152 checkpoint at 14 MB instead of
-# 250 MB (measured in the appendix).
+# The learning rate need not be stored: it is a function of the epoch and the step (a
+# cosine, in `train.py`). The frozen backbone is not stored either: it is the file the
+# run started from, identified by a hash, which keeps a ResNet-152 checkpoint at 14 MB
+# instead of 250 MB (measured in the appendix).
 
 # %%
 def frozen_names(model: nn.Module) -> set[str]:
@@ -404,7 +404,7 @@ def on_rank0(decide):
 
 # %%
 RESULT_FILES = ("metrics.jsonl", "last.pt", "best.pt")  # what a run leaves that is worth keeping
-RUN_FILES = ("config.json", *RESULT_FILES)
+RUN_FILES = ("config.json", *RESULT_FILES, "summary.json")  # summary.json: a finished run's summary, test score too
 LOCK_FILE = ".run.lock"
 
 
@@ -709,13 +709,17 @@ def read_checkpoint_file(path: Path, required: tuple[str, ...]) -> dict:
 # optimizer (its state has other entries) and the seed (the data order and every random
 # draw derive from it). Fixed within an epoch: what decides which images the rest of the
 # epoch holds; a run stopped at an epoch's end may change them. Any other option that
-# changes the result applies from the resumed step on, with a notice.
+# changes the result applies from the resumed step on, with a notice: so do `--lr`,
+# `--lr-scaling` and `--warmup-epochs`, since the learning rate of a step is a function
+# of its epoch and step alone, and the resumed run follows the new schedule from there.
 
 # %%
 FIXED_ON_RESUME = ("arch", "num_classes", "classes_digest", "finetune", "weights", "frozen_weights_hash", "optimizer",
                    "seed")
 FIXED_WITHIN_AN_EPOCH = ("batch_size", "processes", "augment", "no_shuffle")
-RESUMABLE_CHANGES = ("epochs", "lr", "weight_decay", "image_size", "max_steps", "precision")
+RESUMABLE_CHANGES = ("epochs", "lr", "lr_scaling", "warmup_epochs", "weight_decay", "image_size", "max_steps",
+                     "precision")
+SETTINGS_BEFORE = {"lr_scaling": "none", "warmup_epochs": 0.0}  # what checkpoints written before these settings had
 
 
 def run_settings(cfg, world_size: int, classes: list[str], frozen_weights_hash: str | None, precision: str) -> dict:
@@ -724,8 +728,9 @@ def run_settings(cfg, world_size: int, classes: list[str], frozen_weights_hash: 
             "finetune": cfg.finetune, "weights": "none" if cfg.weights == "none" else "pretrained",
             "frozen_weights_hash": frozen_weights_hash, "optimizer": cfg.optimizer, "seed": cfg.seed,
             "batch_size": cfg.batch_size, "processes": world_size, "augment": cfg.augment,
-            "no_shuffle": cfg.no_shuffle, "epochs": cfg.epochs, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
-            "image_size": cfg.image_size, "max_steps": cfg.max_steps, "precision": precision}
+            "no_shuffle": cfg.no_shuffle, "epochs": cfg.epochs, "lr": cfg.lr, "lr_scaling": cfg.lr_scaling,
+            "warmup_epochs": cfg.warmup_epochs, "weight_decay": cfg.weight_decay, "image_size": cfg.image_size,
+            "max_steps": cfg.max_steps, "precision": precision}
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "partial", "best_val_acc", "best_epoch", "rng",
@@ -735,7 +740,7 @@ CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "partial", "best_val
 def load_checkpoint(path: Path, settings: dict, log=print) -> dict:
     """Load last.pt; refuse one this run cannot continue, and say which changed settings it applies."""
     checkpoint = read_checkpoint_file(path, CHECKPOINT_KEYS)
-    saved = checkpoint["settings"]
+    saved = {**SETTINGS_BEFORE, **checkpoint["settings"]}
     fixed = FIXED_ON_RESUME + (FIXED_WITHIN_AN_EPOCH if checkpoint["partial"] else ())
     changed = [key for key in fixed if saved.get(key) != settings[key]]
     if changed:
@@ -893,7 +898,15 @@ class Run:
 
     def summary(self) -> dict:
         final = self.state.metrics[-1] if self.state.metrics else {}
-        return {"run_dir": str(self.out), "epochs": self.cfg.epochs, "best_val_acc": self.state.best_val_acc, **final}
+        return {"run_dir": str(self.out), "epochs": self.cfg.epochs, "best_val_acc": self.state.best_val_acc,
+                "best_epoch": self.state.best_epoch, **final}
+
+    def conclude(self, test: dict) -> dict:
+        """The summary of a run that did all its epochs, with best.pt's test score; rank 0 writes it to summary.json."""
+        summary = {**self.summary(), **test}
+        if is_rank0():
+            write_json(self.out / "summary.json", summary)
+        return summary
 
     def finish(self) -> None:
         finish_wandb(self.wandb, self.cfg, self.out)

@@ -96,6 +96,16 @@ from resilience import sum_over_ranks
 # test machine (`docs/performance.md`). Only CPUs with AMX matrix units (Intel Xeon 4th
 # generation and later) have bf16 hardware built for it, so `auto` uses bf16 on those
 # and leaves it off on every other CPU.
+#
+# **fp32 is not always fp32 on a GPU.** From Ampere (A100, compute capability 8.0) on,
+# tensor cores compute in TF32 (fp32's range, 10 mantissa bits). PyTorch lets cuDNN use it
+# for **convolutions by default** (`torch.backends.cudnn.allow_tf32` is `True`), so the
+# ResNet's convolutions in an `--amp off` run already use it; **matrix products** use it
+# only when asked, `torch.backends.cuda.matmul.allow_tf32 = True` (default `False`) or
+# `torch.set_float32_matmul_precision("high")`, which here would speed up only the
+# head's small `Linear`. See
+# https://docs.pytorch.org/docs/stable/notes/cuda.html#tensorfloat-32-tf32-on-ampere-and-later-devices
+# and https://docs.pytorch.org/docs/stable/generated/torch.set_float32_matmul_precision.html.
 
 # %%
 def pick_precision(amp: str, device: torch.device) -> torch.dtype | None:
@@ -141,10 +151,19 @@ def precision_name(dtype: torch.dtype | None) -> str:
 # keep the fastest; our images always have the same size, so that search happens in the
 # first steps only. `--compile` hands the model to `torch.compile`, which fuses
 # element-wise operations into fewer kernels; it compiles during the first steps.
+#
+# `to_device` copies each batch with `non_blocking=True`. From pinned (page-locked)
+# memory, which the loader provides on CUDA, the copy is asynchronous for the **CPU**: it
+# queues the copy and goes on queueing the forward pass. On the GPU the copy and the
+# kernels run on the same CUDA stream, in order, so the copy does **not** overlap the
+# compute; only a copy on a side stream does, as a prefetcher that copies batch *k + 1*
+# during step *k* does. See https://docs.pytorch.org/tutorials/intermediate/pinmem_nonblock.html
+# and https://docs.pytorch.org/docs/stable/notes/cuda.html#cuda-streams.
 
 # %%
 def to_device(images, labels, device: torch.device, channels_last: bool):
-    """A batch on the training device; non_blocking lets the CPU go on while the copy runs."""
+    """A batch on the training device; non_blocking (from pinned memory) lets the CPU go on while the copy runs,
+    but on the GPU it runs on the same stream as the compute, before it, not overlapping it."""
     images = images.to(device, non_blocking=True)
     if channels_last and images.dim() == 4:  # not for cached features (--cache-features)
         images = images.contiguous(memory_format=torch.channels_last)
@@ -231,6 +250,14 @@ def use_gpu_decode(cfg, device: torch.device, log=print) -> bool:
 # Look at: the operations at the top of the table. On a CPU, the convolutions
 # (`aten::mkldnn_convolution` and their backward) take most of the time: the model, not
 # the input pipeline, is the limit here.
+#
+# On a GPU, do not judge by `nvidia-smi`'s utilisation. "GPU-Util" is the share of time in
+# which *some* kernel was running, on any number of the GPU's cores: a small kernel that
+# keeps one of 100+ multiprocessors busy counts as 100 %. It is a good alarm when it is
+# low (the GPU waited for data), but near 100 % does not mean efficient use. The power
+# draw against the card's limit (`nvidia-smi --query-gpu=power.draw,power.limit
+# --format=csv`) and the images/s achieved, against what the benchmark lesson measures,
+# say more; the profiler's trace shows which kernels ran.
 #
 # ## Exercise
 #

@@ -164,9 +164,14 @@ def run_row(sweep_file: Path, index: int, runs_dir: Path, train_args: list[str])
 #
 # Every run directory holds `config.json` and `metrics.jsonl`, so comparing runs needs no
 # database and no network: read them, print one row per run, and plot the validation
-# accuracy of each run per epoch. When a run directory also holds `gpu.csv` (recorded by
+# accuracy of each run per epoch. Choose between runs by `best_val_acc`; `test_acc` (from
+# `summary.json`: the best model scored once on `test/` when the run finished) is the
+# figure to report, and choosing by it would make it as flattering as the validation
+# accuracy. When a run directory also holds `gpu.csv` (recorded by
 # `slurm/gpu_monitor.sh` in a GPU job), `gather` plots its GPU utilisation and memory
-# into `gpu.png`: a utilisation well below 100 % means the GPU waited.
+# into `gpu.png`. A utilisation well below 100 % means the GPU waited; one near 100 %
+# means only that some kernel was running in every sample, not that the GPU was used
+# well: the power draw and the images/s achieved say more.
 #
 # The helpers that read and plot the runs are collapsed below; `gather` puts them together.
 
@@ -185,17 +190,21 @@ def run_summary(run: Path) -> dict:
     metrics = train.read_metrics(run)
     options = config["options"]
     last = metrics[-1] if metrics else {}
+    final = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    if final.get("epoch") != last.get("epoch"):  # the summary of an earlier end, before a resume with more epochs
+        final = {}
     return {"run": run.name, "arch": options["arch"], "lr": options["lr"],
             "global_batch": config.get("global_batch_size", options["batch_size"]),
             "processes": config.get("world_size", 1), "epochs": len(metrics),
             "val_acc": last.get("val_acc", float("nan")),
             "best_val_acc": max((m["val_acc"] for m in metrics), default=float("nan")),
+            "test_acc": final.get("test_acc", float("nan")),  # best.pt on test/, once the run finished
             "images_per_sec": last.get("images_per_sec", float("nan")),
             "minutes": sum(m["epoch_seconds"] for m in metrics) / 60, "metrics": metrics}
 
 
 def format_table(summaries: list[dict]) -> str:
-    columns = ["run", "arch", "lr", "global_batch", "processes", "epochs", "val_acc", "best_val_acc",
+    columns = ["run", "arch", "lr", "global_batch", "processes", "epochs", "val_acc", "best_val_acc", "test_acc",
                "images_per_sec", "minutes"]
     cells = [[f"{s[c]:.4g}" if isinstance(s[c], float) else str(s[c]) for c in columns] for s in summaries]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]

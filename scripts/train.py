@@ -25,7 +25,8 @@
 #
 # **You will learn to:**
 # - write the training loop and a validation pass in eval mode, each on one screen;
-# - read a run directory: `config.json`, `metrics.jsonl`, `last.pt`, `best.pt`;
+# - read a run directory: `config.json`, `metrics.jsonl`, `last.pt`, `best.pt`, and the
+#   test score of the best model in `summary.json`;
 # - run the same training as a script, as a batch job will, and plot its curves;
 # - find any option in `train.py --help`.
 #
@@ -71,12 +72,13 @@ import torchvision
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (ShardSampler, UserError, available_cpus, default_num_workers, load_splits, make_loader, run_cli,
-                  set_compute_threads)
+from data import (ShardSampler, UserError, available_cpus, class_folders, default_num_workers, image_files, load_splits,
+                  make_loader, run_cli, set_compute_threads)
 from model import ARCHITECTURES, build_model, count_parameters
 from resilience import (STOP_CHECK_EVERY, ResumableSampler, Run, StopRequest, agree_to_stop, broadcast_from_rank0,
-                        check_run_dir_is_free, default_run_dir, diverged, hash_classes, is_rank0, load_trained_model,
-                        on_rank0, read_metrics, sum_over_ranks)
+                        check_run_dir_is_free, default_run_dir, diverged, hash_classes, is_rank0, load_state_into,
+                        load_trained_model, on_rank0, read_checkpoint_file, read_metrics, save_checkpoint,
+                        sum_over_ranks, trained_state)
 from speed import (ProfiledLoader, autocast, cached_feature_loaders, pick_precision, precision_name,
                    set_cudnn_benchmark, to_device, use_gpu_decode)
 
@@ -101,10 +103,12 @@ from speed import (ProfiledLoader, autocast, cached_feature_loaders, pick_precis
 #
 # The textbook loop: forward, loss, backward, step. Three details matter for speed:
 # `zero_grad(set_to_none=True)` skips a memset, `non_blocking=True` (in `to_device`) lets
-# the CPU go on while a batch is copied to the GPU, and the loss is **summed on the
-# device** and read once per epoch, because `loss.item()` in every step would make the
-# CPU wait for the GPU. `steps` counts the steps, prints progress, and asks every few
-# steps whether a time-limit warning arrived (lesson 4); it is collapsed just below.
+# the CPU go on queueing work while a batch is copied from pinned memory to the GPU
+# (the GPU itself still finishes the copy before the forward pass: lesson 8), and the
+# loss is **summed on the device** and read once per epoch, because `loss.item()` in
+# every step would make the CPU wait for the GPU. `steps` counts the steps, prints
+# progress, and asks every few steps whether a time-limit warning arrived (lesson 4);
+# it is collapsed just below.
 
 # %% jupyter={"source_hidden": true}
 class EpochSteps:
@@ -113,9 +117,10 @@ class EpochSteps:
     loss that became NaN on any rank)."""
 
     def __init__(self, epoch: int, loader_steps: int, device: torch.device, cfg=None, stop=None,
-                 start: dict | None = None, log=print, bar: bool = True):
+                 start: dict | None = None, log=print, bar: bool = True, schedule=None):
         start = start or {"step": 0, "loss_sum": 0.0, "seen": 0, "seconds": 0.0}
         self.epoch, self.first, self.device, self.cfg, self.stop, self.log = epoch, start["step"], device, cfg, stop, log
+        self.schedule, self.lr = schedule, None  # schedule(epoch, step, steps of the epoch) sets the lr of a step
         max_steps = getattr(cfg, "max_steps", 0)
         self.last = self.first + loader_steps if not max_steps else min(max_steps, self.first + loader_steps)
         self.every = getattr(cfg, "log_every", 0) or max(1, self.last // 4)
@@ -133,6 +138,8 @@ class EpochSteps:
         for step, batch in enumerate(bar, start=self.first):
             if step >= self.last:
                 return
+            if self.schedule:
+                self.lr = self.schedule(self.epoch, step, self.last)
             yield step, batch
 
     def add(self, step: int, loss: torch.Tensor, images: int) -> bool:
@@ -274,13 +281,45 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> float:
 # print([round(cosine_lr(1e-3, e, epochs), 6) for e in range(epochs)])
 
 # %% [markdown]
+# With several processes the global batch grows, and `--lr-scaling` (linear or sqrt) and
+# `--warmup-epochs` adapt the learning rate to it (lesson 7); by default neither changes
+# anything. `learning_rate` (collapsed) is the rate of every step, still closed-form:
+# the scaled peak on the cosine, times a linear warm-up factor.
+
+# %% jupyter={"source_hidden": true}
+LR_SCALING = ("none", "linear", "sqrt")
+
+
+def scaled_lr(lr: float, rule: str, processes: int) -> float:
+    """--lr is the rate of one process's --batch-size; W processes take a W times larger global batch.
+    linear: x W (the linear rule, for SGD); sqrt: x sqrt(W) (common with Adam-type optimizers); none: as given.
+    DataParallel is one process: its --batch-size already is the global batch."""
+    return lr * {"none": 1, "linear": processes, "sqrt": math.sqrt(processes)}[rule]
+
+
+def learning_rate(cfg, processes: int, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
+    """The lr of step `step` (from 0) of epoch `epoch` (from 0): the scaled peak on the cosine of the epoch,
+    times a linear warm-up over the first --warmup-epochs: (steps done + 1) / warm-up steps, from
+    1/(warm-up steps) of it in the first step up to all of it in the warm-up's last step."""
+    lr = cosine_lr(scaled_lr(cfg.lr, cfg.lr_scaling, processes), epoch, cfg.epochs)
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    if warmup_steps > 0:
+        lr *= min(1.0, (epoch * steps_per_epoch + step + 1) / warmup_steps)
+    return lr
+
+# %% [markdown]
 # ## Putting it together: `fit`
 #
 # `fit` builds the data, the model and the run directory (`prepare`, below), then runs
-# the epochs: set the learning rate, reshuffle, train, validate, write. Only rank 0
-# prints and writes files. `run` (lesson 4) resumes from `last.pt` when asked, writes
-# `last.pt`, `best.pt` and the metrics after every epoch, and stops cleanly on a
-# time-limit warning.
+# the epochs: reshuffle, train (`steps` sets the learning rate of every step), validate,
+# write. Only rank 0 prints and writes files. `run` (lesson 4) resumes from `last.pt`
+# when asked, writes `last.pt`, `best.pt` and the metrics after every epoch, and stops
+# cleanly on a time-limit warning.
+#
+# The validation accuracy chose `best.pt`, so it flatters that model: the best of
+# several draws. A run that finished all its epochs therefore scores `best.pt` once on
+# the `test/` split, which nothing else looked at (`test_acc` in the summary line and in
+# `summary.json`); with no `test/` split it says so and skips it.
 
 # %%
 def fit(cfg, device: torch.device | None = None, stop: StopRequest | None = None) -> dict:
@@ -293,21 +332,20 @@ def fit(cfg, device: torch.device | None = None, stop: StopRequest | None = None
     with prepare(cfg, rank, world_size, device, log) as t:  # the run directory stays locked until the end
         model = wrap_model(t.model, cfg, ddp, device, log)
         for epoch in range(t.run.state.epoch, t.run.last_epoch):
-            lr = set_learning_rate(t.optimizer, cosine_lr(cfg.lr, epoch, cfg.epochs))
             t.sampler.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
             start = t.run.begin_epoch(t.sampler)  # after a mid-epoch resume: skip what was done (lesson 4)
-            steps = EpochSteps(epoch, len(t.train_loader), device, cfg, stop, start, log)
+            steps = EpochSteps(epoch, len(t.train_loader), device, cfg, stop, start, log, schedule=t.set_lr)
             train_one_epoch(model, t.train_loader, t.optimizer, t.scaler, t.dtype, device, cfg, steps)
             if ddp:
                 dist.all_reduce(steps.sums)  # the loss and the images of every process
             if steps.stopped:
                 return t.run.stop(epoch, steps.stopped, steps.position())
-            record = {"epoch": epoch + 1, **steps.stats(), "lr": lr,
+            record = {"epoch": epoch + 1, **steps.stats(), "lr": steps.lr,
                       **evaluate(t.model, t.val_loader, t.dtype, device, cfg, ddp)}
             t.end_epoch(record, time.perf_counter() - steps.started)  # last.pt, best.pt, metrics.jsonl
             if epoch + 1 < t.run.last_epoch and (reason := agree_to_stop(stop, device)):  # during validation?
                 return t.run.stop(epoch + 1, reason)
-        return t.run.summary()
+        return t.conclude()  # after the last epoch: best.pt scored once on test/
 
 
 # %% [markdown]
@@ -321,8 +359,9 @@ def prepare(cfg, rank: int, world_size: int, device: torch.device, log) -> Train
     cfg.threads = set_compute_threads(cfg.workers)  # the cores the loader's workers leave (lesson 1)
     out = Path(broadcast_from_rank0(str(cfg.out or default_run_dir(cfg.arch))))
     on_rank0(lambda: check_run_dir_is_free(out, cfg))  # at once, not after reading the data (lesson 4)
+    names = ("train", "valid", "test") if has_images(Path(cfg.data).expanduser() / "test") else ("train", "valid")
     splits = load_splits(cfg.data, cfg.image_size, augment=cfg.augment, skip_bad=cfg.skip_bad_images,
-                         gpu_decode=use_gpu_decode(cfg, device, log))
+                         gpu_decode=use_gpu_decode(cfg, device, log), splits=names)
     check_sizes(cfg, world_size, len(splits["train"]), len(splits["valid"]))
     sampler, train_loader, val_loader = build_loaders(cfg, splits, rank, world_size)
     torch.manual_seed(cfg.seed)  # the same initial head on every rank
@@ -341,7 +380,7 @@ def prepare(cfg, rank: int, world_size: int, device: torch.device, log) -> Train
 # %% [markdown]
 # The loaders: the training sampler shuffles (a new order every epoch, the same on every
 # rank) and gives each rank its share; the validation sampler gives every image to
-# exactly one rank (lesson 7).
+# exactly one rank (lesson 7), and so does the test loader at the end of a run.
 
 # %%
 def build_loaders(cfg, splits: dict, rank: int, world_size: int):
@@ -350,9 +389,12 @@ def build_loaders(cfg, splits: dict, rank: int, world_size: int):
                                seed=cfg.seed)
     sampler.seed_draws = cfg.augment  # each image's random crop from its own seed (lesson 4)
     train_loader = make_loader(splits["train"], cfg.batch_size, cfg.workers, sampler=sampler)
-    val_loader = make_loader(splits["valid"], cfg.batch_size, cfg.workers,
-                             sampler=ShardSampler(len(splits["valid"]), rank, world_size))
-    return sampler, train_loader, val_loader
+    return sampler, train_loader, eval_loader(cfg, splits["valid"], rank, world_size)
+
+
+def eval_loader(cfg, dataset, rank: int, world_size: int):
+    """Validation and test: every image on exactly one rank, in a fixed order."""
+    return make_loader(dataset, cfg.batch_size, cfg.workers, sampler=ShardSampler(len(dataset), rank, world_size))
 
 
 # %% [markdown]
@@ -550,7 +592,41 @@ class Training:
                  f"{len(self.splits['train'])} train, {len(self.splits['valid'])} valid images | device "
                  f"{self.device} | precision {precision_name(self.dtype)}")
         self.log(f"processes {world_size} | batch per process {cfg.batch_size} | global batch "
-                 f"{cfg.batch_size * world_size} | lr {cfg.lr:g} | workers {cfg.workers} | {cfg.threads}")
+                 f"{cfg.batch_size * world_size} | {lr_text(cfg, world_size)} | workers {cfg.workers} | {cfg.threads}")
+
+    def set_lr(self, epoch: int, step: int, steps_per_epoch: int) -> float:
+        """The learning rate of this step, set in the optimizer (EpochSteps calls it before every step)."""
+        return set_learning_rate(self.optimizer, learning_rate(self.cfg, self.world_size, epoch, step, steps_per_epoch))
+
+    def conclude(self) -> dict:
+        """The summary after the last epoch of this job; a run that did all its epochs scores best.pt on test/
+        and writes summary.json."""
+        if self.run.state.epoch < self.cfg.epochs:  # --stop-after: epochs remain, and best.pt may still change
+            return self.run.summary()
+        if "test" not in self.splits:
+            self.log(f"notice: {self.cfg.data} has no test/ split with images: no test score, only valid/")
+            return self.run.conclude({})
+        return self.run.conclude(self.test_score())
+
+    def test_score(self) -> dict:
+        """best.pt evaluated once on test/, by the validation path: every image once, on any number of processes.
+        The score is kept in best.pt, so a resume reuses it until a better epoch replaces the file."""
+        path = self.out / "best.pt"
+        best = on_rank0(lambda: read_checkpoint_file(path, ("model", "epoch")))
+        kept = "test" in best
+        if not kept:
+            last = {k: v.clone() for k, v in trained_state(self.model).items()}
+            load_state_into(self.model, best, path)
+            scores = evaluate(self.model, eval_loader(self.cfg, self.splits["test"], self.rank, self.world_size),
+                              self.dtype, self.device, self.cfg, dist.is_initialized())
+            self.model.load_state_dict(last, strict=False)  # the last epoch's weights again
+            best["test"] = {key.replace("val_", "test_"): value for key, value in scores.items()}
+            on_rank0(lambda: save_checkpoint(path, best))
+        test = best["test"]
+        self.log(f"test: best.pt (epoch {best['epoch']}) on {test['test_samples']} test images: test_loss "
+                 f"{test['test_loss']:.4f} test_acc {test['test_acc']:.4f} test_top5 {test['test_top5']:.4f}"
+                 + (" (scored before, kept in best.pt)" if kept else ""))
+        return test
 
     def end_epoch(self, record: dict, seconds: float) -> None:
         """Record the epoch (lesson 4 writes it) and print its line."""
@@ -564,6 +640,22 @@ class Training:
                  f"val_loss {record['val_loss']:.4f} val_acc {record['val_acc']:.4f} "
                  f"val_top5 {record['val_top5']:.4f} {record['images_per_sec']:.1f} img/s "
                  f"{record['epoch_seconds']:.1f}s")
+
+
+def lr_text(cfg, processes: int) -> str:
+    """The header's learning rate: the peak of the run, and how it came from --lr."""
+    text = f"lr {scaled_lr(cfg.lr, cfg.lr_scaling, processes):g}"
+    if cfg.lr_scaling != "none":
+        factor = scaled_lr(1, cfg.lr_scaling, processes)
+        text += f" (--lr {cfg.lr:g} x {factor:.3g}: {cfg.lr_scaling} rule for {processes} processes)"
+    if cfg.warmup_epochs:
+        text += f" after {cfg.warmup_epochs:g} epoch(s) of warm-up"
+    return text
+
+
+def has_images(split_dir: Path) -> bool:
+    """Whether a split folder exists and holds images (test/ is optional)."""
+    return split_dir.is_dir() and any(image_files(folder) for folder in class_folders(split_dir))
 
 
 def check_sizes(cfg, world_size: int, train_size: int, val_size: int) -> None:
@@ -615,8 +707,10 @@ def run_config(cfg, world_size: int, device: torch.device, classes: list[str]) -
 def summary_line(summary: dict) -> str:
     if "stopped" in summary:
         return f"stopped: {summary['stopped']}"
+    test = (f"test_acc={summary['test_acc']:.4f} test_top5={summary['test_top5']:.4f} " if "test_acc" in summary
+            else "")
     return (f"summary: epochs={summary.get('epoch', 0)}/{summary['epochs']} val_acc={summary.get('val_acc', float('nan')):.4f} "
-            f"val_top5={summary.get('val_top5', float('nan')):.4f} best_val_acc={summary['best_val_acc']:.4f} "
+            f"val_top5={summary.get('val_top5', float('nan')):.4f} best_val_acc={summary['best_val_acc']:.4f} {test}"
             f"images_per_sec={summary.get('images_per_sec', float('nan')):.1f} run_dir={summary['run_dir']}")
 
 
@@ -850,7 +944,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=5)
     g.add_argument("--batch-size", type=int, default=64, help="images per step and per process")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule)")
+    g.add_argument("--lr", type=float, default=1e-3,
+                   help="peak learning rate (cosine schedule), for the --batch-size of one process")
+    g.add_argument("--lr-scaling", default="none", metavar="{" + ",".join(LR_SCALING) + "}",
+                   help="scale --lr to the global batch of W processes: linear x W (SGD), sqrt x sqrt(W) (Adam-type)")
+    g.add_argument("--warmup-epochs", type=float, default=0.0,
+                   help="raise the lr linearly, step by step, over the first N epochs (0: none; at most --epochs)")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"],
                    help="adam is the original workshop's (weight decay added to the gradient)")
     g.add_argument("--weight-decay", type=float, default=1e-4)
@@ -879,11 +978,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run directory and resilience (lesson 4)")
     g.add_argument("--out", type=Path, default=None, help="run directory (default runs/<job id or time>-<arch>)")
     g.add_argument("--resume", action="store_true",
-                   help="continue from <out>/last.pt when it exists; it may change --epochs, --lr, --weight-decay, "
-                        "--image-size, --max-steps and --amp (and, at an epoch's end, --batch-size, --augment, "
-                        "--no-shuffle and the number of processes)")
+                   help="continue from <out>/last.pt when it exists; it may change --epochs, --lr, --lr-scaling, "
+                        "--warmup-epochs, --weight-decay, --image-size, --max-steps and --amp (and, at an epoch's "
+                        "end, --batch-size, --augment, --no-shuffle and the number of processes)")
     g.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --out (its config.json, metrics.jsonl, last.pt and best.pt)")
+                   help="replace the run already in --out (its config.json, metrics.jsonl, last.pt, best.pt, summary.json)")
     g.add_argument("--stop-after", type=int, default=0,
                    help="stop after this many epochs in this job; a later --resume continues (0: run all)")
     g = p.add_argument_group("logging")
@@ -901,12 +1000,15 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
               "--seed": 0 <= cfg.seed <= MAX_SEED, "--image-size": cfg.image_size >= 16,
               "--workers": cfg.workers is None or cfg.workers >= 0,
               "--max-steps": cfg.max_steps >= 0, "--stop-after": cfg.stop_after >= 0,
+              "--warmup-epochs": math.isfinite(cfg.warmup_epochs) and 0 <= cfg.warmup_epochs <= cfg.epochs,
               "--dist-timeout": math.isfinite(cfg.dist_timeout) and cfg.dist_timeout > 0}
     for option, ok in checks.items():
         if not ok:
             value = getattr(cfg, option[2:].replace("-", "_"))
             raise UserError(f"{option} {f'{value:g}' if isinstance(value, float) else value} is out of range: "
                             "see --help")
+    if cfg.lr_scaling not in LR_SCALING:
+        raise UserError(f"--lr-scaling {cfg.lr_scaling!r} is not one of {', '.join(LR_SCALING)}: see --help")
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume continues the run in --out and --overwrite replaces it: choose one")
     conflicts = {("cache_features", "finetune"): "--cache-features needs a frozen backbone: drop --finetune",

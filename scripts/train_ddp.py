@@ -25,6 +25,7 @@
 # - read exactly what DDP adds to a training script, line by line;
 # - start DDP with `torchrun` or `srun`, and read what each rank prints;
 # - explain why DDP gives the same weights as one process with a batch *W* times larger;
+# - scale the learning rate to the global batch (linear or square-root rule, warm-up);
 # - count each validation image exactly once across processes.
 #
 # **Time:** about 20 minutes. All of it is core; the appendix is how this lesson finds
@@ -170,6 +171,41 @@ def is_ddp_test(test: ast.expr) -> bool:
 # metrics = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
 # print("val_samples per epoch:", [m["val_samples"] for m in metrics])
 # print("world size:", json.load(open(Path(out_dir) / "config.json"))["world_size"])
+
+# %% [markdown]
+# ## Large batches: the learning rate must change too
+#
+# *W* processes with `--batch-size B` take steps of *W·B* images. At a fixed number of
+# epochs that is **W times fewer steps**: with the learning rate of one process, the
+# weights take W times fewer steps of about the same length, and the run ends less
+# trained than the one it was meant to speed up. So the rate grows with the global batch:
+#
+# - the **linear rule**, for SGD (Goyal et al., 2017, *Accurate, Large Minibatch SGD*):
+#   W times the batch, W times the rate, so one step of *W·B* images goes about as far
+#   as *W* steps of *B* did;
+# - the **square-root rule**, commonly used with Adam-type optimizers (this course's
+#   AdamW): √W times the rate, since Adam already scales each step by the gradient's
+#   size, and a W times larger batch makes the gradient's noise √W times smaller;
+# - a **warm-up**: early in training a large rate can throw the weights far off, so the
+#   rate rises linearly over the first epochs, step by step, before the cosine takes over.
+#
+# In `train.py`, `--lr` stays the rate of one process's `--batch-size`; `--lr-scaling
+# linear` or `sqrt` multiplies it by W or √W (DataParallel is one process: its
+# `--batch-size` is already the global batch), and `--warmup-epochs N` ramps it from
+# 1/S of its value in the first step to all of it after the S steps of N epochs. The
+# header line prints the rate used. Both are off by default: the rules are starting
+# points to check against the validation accuracy, not laws, and beyond some batch size
+# no rate recovers the accuracy of smaller batches.
+
+# %% tags=["active-ipynb"]
+# import train
+# for rule in train.LR_SCALING:  # 4 processes, 4 steps per epoch, 1 warm-up epoch, 3 epochs
+#     cfg = train.parse_args(["--lr", "1e-3", "--lr-scaling", rule, "--warmup-epochs", "1", "--epochs", "3"])
+#     print(f"{rule:6s}", " ".join(f"{train.learning_rate(cfg, 4, e, s, 4):.1e}" for e in range(3) for s in range(4)))
+
+# %% [markdown]
+# Look at: the first four steps climb to the scaled rate (1e-3, 4e-3 or 2e-3), then the
+# cosine falls, one value per epoch.
 
 # %% [markdown]
 # ## Launchers: `srun` or `torchrun`

@@ -160,6 +160,7 @@ SLOW = {
     "tests/test_resilience.py::test_without_a_watching_launcher_the_survivor_fails_within_the_timeout",
     "tests/test_resilience.py::test_torchrun_ends_the_other_ranks_and_names_the_dead_one",
     "tests/test_resilience.py::test_resume_refuses_a_checkpoint_with_another_class_count",
+    "tests/test_parallel.py::test_ddp_scores_the_test_split_as_one_process_does_with_the_lr_of_its_global_batch",
 }
 SLOW_FIXTURES = {("test_parallel.py", "runs")}  # single, DataParallel and DDP with 1, 2 and 3 processes
 

@@ -236,3 +236,43 @@ def test_rank_0_decides_whether_to_resume_for_every_rank(tiny_data, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "at the end of epoch 1" in resumed.stdout
     assert [(m["epoch"], m["train_samples"]) for m in train.read_metrics(tmp_path / "run")] == [(1, 8), (2, 16)]
+
+
+# --- numbers you can trust (issue 15) ----------------------------------------------------------
+
+def test_ddp_scores_the_test_split_as_one_process_does_with_the_lr_of_its_global_batch(tiny_data, tmp_path):
+    """One run of 2 gloo processes, --lr-scaling linear: the lr of the global batch, and best.pt scored on an
+    odd number of test images (6 on one rank, 5 on the other), each once: what one process gives for best.pt."""
+    import argparse
+    root = Path(shutil.copytree(tiny_data, tmp_path / "birds"))
+    sorted((root / "test").glob("*/*.jpg"))[0].unlink()  # 11 test images
+    ddp = run_torchrun(2, "train.py", *tiny_train_args(root, tmp_path / "ddp", "--epochs", 1, "--max-steps", 4,
+                                                       "--batch-size", 6, "--lr", 0.005, "--lr-scaling", "linear"))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "global batch 12 | lr 0.01 (--lr 0.005 x 2: linear rule for 2 processes) |" in ddp.stdout
+    assert [m["lr"] for m in train.read_metrics(tmp_path / "ddp")] == [0.01]
+    score = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    model, _ = train.load_trained_model(tmp_path / "ddp" / "best.pt")
+    test = data.load_splits(root, 32, splits=("test",))["test"]
+    one_process = train.evaluate(model, data.make_loader(test, 4, 0), None, torch.device("cpu"),
+                                 argparse.Namespace(channels_last=False))
+    assert score["test_samples"] == one_process["val_samples"] == 11
+    assert score["test_acc"] == one_process["val_acc"] and score["test_top5"] == one_process["val_top5"]
+    assert score["test_loss"] == pytest.approx(one_process["val_loss"], rel=1e-5)
+    assert f"test_acc={one_process['val_acc']:.4f}" in ddp.stdout.strip().splitlines()[-1]
+
+
+def test_gather_shows_the_test_score_of_finished_runs(tiny_data, tmp_path, capsys):
+    def fit(name, *extra):
+        return train.fit(train.parse_args([str(a) for a in tiny_train_args(tiny_data, tmp_path / "runs" / name,
+                                                                          "--epochs", 2, "--max-steps", 1, *extra)]))
+    finished, stopped = fit("finished"), fit("stopped", "--stop-after", 1)
+    assert "test_acc" in finished and "test_acc" not in stopped
+    capsys.readouterr()
+    summaries = sweep.gather([tmp_path / "runs"])
+    header, *rows = capsys.readouterr().out.splitlines()[:3]
+    column = header.split().index("test_acc")
+    assert header.split()[column - 1] == "best_val_acc"
+    assert {row.split()[0]: row.split()[column] for row in rows} == {"finished": f"{finished['test_acc']:.4g}",
+                                                                     "stopped": "nan"}
+    assert [s["run"] for s in summaries] == ["finished", "stopped"]

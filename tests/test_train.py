@@ -13,7 +13,7 @@ import torch
 import data
 import resilience
 import train
-from conftest import TINY, cpu_env, run_script, tiny_train_args
+from conftest import TINY, cpu_env, one_line_exit_2, run_script, tiny_train_args
 
 METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "val_top5", "val_samples",
                "images_per_sec", "epoch_seconds"}
@@ -490,3 +490,139 @@ def test_a_training_notebook_runs_a_second_time_into_the_same_folder(tiny_data, 
     assert "replaced the earlier run" not in printed[0]
     assert f"notice: --overwrite: replaced the earlier run in {parameters['out_dir']}" in printed[1]
     assert [m["epoch"] for m in train.read_metrics(parameters["out_dir"])] == [1]
+
+
+# --- numbers you can trust: a test-set score, large batches (issue 15) ------------------------
+
+TEST_IMAGES = TINY["classes"] * TINY["per_class"][2]
+
+
+def by_hand_on_test(run, data_dir) -> dict:
+    """best.pt evaluated on test/ the plain way: one process, every image once, in order."""
+    import argparse
+    model, _ = train.load_trained_model(run / "best.pt")
+    test = data.load_splits(data_dir, TINY["image_size"], splits=("test",))["test"]
+    cfg = argparse.Namespace(channels_last=False)
+    return train.evaluate(model, data.make_loader(test, 5, 0), None, torch.device("cpu"), cfg)
+
+
+def test_a_finished_run_scores_best_pt_once_on_the_test_split(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = fit(tiny_data, out, "--epochs", 2, "--max-steps", 3, "--lr", 0.003)
+    printed = capsys.readouterr().out
+    expected = by_hand_on_test(out, tiny_data)
+    assert expected["val_samples"] == TEST_IMAGES and summary["test_samples"] == TEST_IMAGES
+    assert summary["test_acc"] == expected["val_acc"] and summary["test_top5"] == expected["val_top5"]
+    assert summary["test_loss"] == pytest.approx(expected["val_loss"], rel=1e-6)
+    best = load(out / "best.pt")
+    assert best["test"]["test_acc"] == summary["test_acc"] and summary["best_epoch"] == best["epoch"]
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert f"test: best.pt (epoch {best['epoch']}) on {TEST_IMAGES} test images" in printed
+    line = train.summary_line(summary)
+    assert f"best_val_acc={summary['best_val_acc']:.4f} test_acc={summary['test_acc']:.4f} test_top5=" in line
+
+    # A resume of the finished run loses nothing and evaluates nothing again.
+    again = fit(tiny_data, out, "--epochs", 2, "--max-steps", 3, "--lr", 0.003, "--resume")
+    assert again["test_acc"] == summary["test_acc"] and "(scored before, kept in best.pt)" in capsys.readouterr().out
+
+
+def test_a_stopped_run_has_no_test_score_until_it_finishes(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    stopped = fit(tiny_data, out, "--epochs", 2, "--max-steps", 2, "--stop-after", 1)
+    assert "test_acc" not in stopped and not (out / "summary.json").exists() and "test" not in load(out / "best.pt")
+    assert "test:" not in capsys.readouterr().out
+    midway = stop_mid_epoch(tiny_data, tmp_path / "mid")
+    assert "stopped" in midway and "test_acc" not in midway and not (tmp_path / "mid" / "summary.json").exists()
+    finished = fit(tiny_data, out, "--epochs", 2, "--max-steps", 2, "--resume")
+    assert finished["test_acc"] == by_hand_on_test(out, tiny_data)["val_acc"]
+    assert json.loads((out / "summary.json").read_text())["test_acc"] == finished["test_acc"]
+
+
+def test_data_without_a_test_split_says_so_in_one_notice_and_skips_it(tiny_data, tmp_path, capsys):
+    import shutil
+    root = shutil.copytree(tiny_data, tmp_path / "birds", ignore=shutil.ignore_patterns("test"))
+    summary = fit(root, tmp_path / "run", "--epochs", 1, "--max-steps", 1)
+    notices = [line for line in capsys.readouterr().out.splitlines() if "test/" in line or line.startswith("test:")]
+    assert notices == [f"notice: {root} has no test/ split with images: no test score, only valid/"]
+    assert "test_acc" not in summary and "test_acc=" not in train.summary_line(summary)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["epoch"] == 1
+
+
+def lr_cfg(*extra):
+    return train.parse_args(["--lr", "0.001", "--epochs", "4", *map(str, extra)])
+
+
+@pytest.mark.parametrize("processes", [1, 4])
+@pytest.mark.parametrize("rule,factor", [("none", lambda w: 1), ("linear", lambda w: w), ("sqrt", lambda w: w ** 0.5)])
+def test_lr_scaling_multiplies_the_lr_of_every_step_by_the_rule(processes, rule, factor):
+    cfg = lr_cfg("--lr-scaling", rule)
+    peak = 0.001 * factor(processes)
+    assert train.scaled_lr(0.001, rule, processes) == pytest.approx(peak)
+    for epoch, step in [(0, 0), (0, 7), (1, 3), (3, 9)]:
+        assert train.learning_rate(cfg, processes, epoch, step, 10) == pytest.approx(train.cosine_lr(peak, epoch, 4))
+    assert train.learning_rate(cfg, processes, 2, 5, 10) == pytest.approx(peak / 2)  # cos(pi / 2) = 0: half the peak
+    if rule == "none":  # today's schedule, bit for bit
+        assert [train.learning_rate(cfg, processes, e, 3, 10) for e in range(4)] == [train.cosine_lr(0.001, e, 4)
+                                                                                     for e in range(4)]
+
+
+def test_the_warm_up_rises_linearly_per_step_then_the_cosine_continues():
+    cfg = lr_cfg("--lr-scaling", "linear", "--warmup-epochs", 1.5)  # 10 steps per epoch: 15 warm-up steps
+    peak = 0.004
+    lrs = [train.learning_rate(cfg, 4, epoch, step, 10) for epoch in range(4) for step in range(10)]
+    assert lrs[0] == pytest.approx(peak / 15) and lrs[4] == pytest.approx(peak * 5 / 15)
+    assert lrs[:10] == pytest.approx([peak * (i + 1) / 15 for i in range(10)])  # epoch 0: the cosine is at its peak
+    assert lrs[10:15] == pytest.approx([train.cosine_lr(peak, 1, 4) * (i + 11) / 15 for i in range(5)])
+    assert lrs[14:20] == pytest.approx([train.cosine_lr(peak, 1, 4)] * 6)  # step 15 of 15: the warm-up is over
+    assert lrs[20:] == pytest.approx([train.cosine_lr(peak, e, 4) for e in (2, 3) for _ in range(10)])
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
+
+
+def test_after_a_mid_epoch_resume_the_schedule_counts_the_steps_of_the_whole_epoch():
+    """The warm-up is a function of the step within the whole epoch: a resume at step 10 of 12 sets the lr of
+    steps 10 and 11 of 12, not of steps 0 and 1 of 2."""
+    calls = []
+    start = {"step": 10, "loss_sum": 0.0, "seen": 0, "seconds": 0.0}
+    steps = train.EpochSteps(3, 2, torch.device("cpu"), None, start=start, log=lambda *a: None, bar=False,
+                             schedule=lambda *call: calls.append(call) or 0.5)
+    assert [step for step, _ in steps.enumerate(["batch 10", "batch 11"])] == [10, 11]
+    assert calls == [(3, 10, 12), (3, 11, 12)] and steps.lr == 0.5
+
+
+def test_the_header_prints_the_scaled_lr():
+    assert train.lr_text(lr_cfg(), 4) == "lr 0.001"
+    assert train.lr_text(lr_cfg("--lr-scaling", "linear", "--warmup-epochs", 1), 4) == \
+        "lr 0.004 (--lr 0.001 x 4: linear rule for 4 processes) after 1 epoch(s) of warm-up"
+    assert train.lr_text(lr_cfg("--lr-scaling", "sqrt"), 2) == "lr 0.00141421 (--lr 0.001 x 1.41: sqrt rule for 2 processes)"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr-scaling", "cubic"], "--lr-scaling 'cubic' is not one of none, linear, sqrt: see --help"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs -1 is out of range"),
+    (["--warmup-epochs", "nan"], "--warmup-epochs nan is out of range"),
+    (["--warmup-epochs", "6", "--epochs", "5"], "--warmup-epochs 6 is out of range"),
+])
+def test_a_bad_lr_scaling_or_warm_up_is_one_line_and_exit_2(tiny_data, tmp_path, capsys, args, message):
+    err = one_line_exit_2(train.main, tiny_train_args(tiny_data, tmp_path / "run", *args), capsys)
+    assert message in err and not (tmp_path / "run").exists()
+
+
+def test_a_resume_may_change_lr_scaling_and_warm_up_with_a_notice(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    fit(tiny_data, out, "--epochs", 3, "--max-steps", 2, "--stop-after", 1)
+    checkpoint = load(out / "last.pt")  # as written before these options existed: the resume must not mind
+    for key in ("lr_scaling", "warmup_epochs"):
+        del checkpoint["settings"][key]
+    torch.save(checkpoint, out / "last.pt")
+    capsys.readouterr()
+    new = ["--lr-scaling", "sqrt", "--warmup-epochs", 2.5]
+    fit(tiny_data, out, "--epochs", 3, "--max-steps", 2, "--stop-after", 1, "--resume", *new)
+    printed = capsys.readouterr().out
+    assert "notice: resuming with lr_scaling sqrt instead of none" in printed
+    assert "notice: resuming with warmup_epochs 2.5 instead of 0.0" in printed
+    lrs = [m["lr"] for m in train.read_metrics(out)]
+    cfg = lr_cfg("--epochs", 3, *new)
+    assert lrs == pytest.approx([train.cosine_lr(1e-3, 0, 3), train.learning_rate(cfg, 1, 1, 1, 2)])
+    assert lrs[1] == pytest.approx(train.cosine_lr(1e-3, 1, 3) * 4 / 5)  # the last step of epoch 2: 4 of 5 warm-up steps
+    fit(tiny_data, out, "--epochs", 3, "--max-steps", 2, "--stop-after", 1, "--resume", *new)
+    assert "notice: resuming with" not in capsys.readouterr().out  # unchanged: nothing to say

@@ -67,11 +67,11 @@ def test_the_dockerfile_installs_the_same_as_the_definition_file():
 
 # --- the wrapper, with a stand-in apptainer ---------------------------------------------------
 
-def standin_apptainer(directory: Path) -> Path:
+def standin_apptainer(directory: Path, inside: Path = Path(sys.executable).parent) -> Path:
     """A stand-in for `apptainer` in directory/bin (tests only, never shipped): it appends its
     arguments, host, Slurm rank and PATH as one JSON line to directory/apptainer.jsonl, then
-    runs the command after `exec [options] IMAGE` with the same environment, the course's .venv
-    first on PATH: what the image holds. Returns the log's path."""
+    runs the command after `exec [options] IMAGE` with the same environment, `inside` first on
+    PATH: what the image holds (the course's .venv). Returns the log's path."""
     bin_dir, log = directory / "bin", directory / "apptainer.jsonl"
     bin_dir.mkdir(exist_ok=True)
     script = bin_dir / "apptainer"
@@ -86,7 +86,7 @@ if args[:1] != ["exec"]:
 i = 1
 while args[i].startswith("-"):
     i += 2 if args[i] in ("--bind", "-B") else 1
-os.environ["PATH"] = {str(Path(sys.executable).parent)!r} + ":" + os.environ["PATH"]
+os.environ["PATH"] = {str(inside)!r} + ":" + os.environ["PATH"]
 os.execvp(args[i + 1], args[i + 1:])
 """)
     script.chmod(0o755)

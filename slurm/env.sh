@@ -8,8 +8,18 @@
 source "${COURSE_SITE:-slurm/site.sh}"
 
 # --- 1. The Python environment ---------------------------------------------------------
-# COURSE_ENV_ACTIVATE (slurm/site.sh), else the course's .venv, else conda, else PATH.
-if [[ -n "${COURSE_ENV_ACTIVATE:-}" ]]; then
+# COURSE_CONTAINER (slurm/site.sh), else COURSE_ENV_ACTIVATE, else the course's .venv, else
+# conda, else PATH.
+if [[ -n "${COURSE_CONTAINER:-}" ]]; then
+    # The course's image is the environment (docs/containers.md): `python` and `torchrun` are
+    # the wrappers in slurm/container/bin, which run them inside it. On PATH, not as shell
+    # functions, so that they reach every srun task on every node.
+    if [[ ! -f $COURSE_CONTAINER ]]; then
+        echo "error: COURSE_CONTAINER: no image file '$COURSE_CONTAINER' (docs/containers.md says how to build it)" >&2
+        exit 2
+    fi
+    export COURSE_CONTAINER PATH="$PWD/slurm/container/bin:$PATH"
+elif [[ -n "${COURSE_ENV_ACTIVATE:-}" ]]; then
     eval "$COURSE_ENV_ACTIVATE"
 elif [[ -f .venv/bin/activate ]]; then
     source .venv/bin/activate
@@ -56,6 +66,11 @@ COURSE_NODE_TMPDIR=${COURSE_NODE_TMPDIR:-${TMPDIR:-/tmp}}   # before this job ch
 JOB_TMP="$COURSE_NODE_TMPDIR/course-job-${SLURM_JOB_ID:-$$}"
 mkdir -p "$JOB_TMP"
 export COURSE_NODE_TMPDIR TMPDIR=$JOB_TMP TORCHINDUCTOR_CACHE_DIR=$JOB_TMP/torchinductor
+# In the course's image, the processes see of the host what is bound (slurm/container/run): the
+# course, the data, the runs, this scratch and the node cache, at the same paths.
+if [[ -n ${COURSE_CONTAINER:-} ]]; then
+    export COURSE_CONTAINER_BINDS="$PWD:$BIRDS_DATA:$RUNS:$COURSE_NODE_TMPDIR${SITE_NODE_CACHE:+:$SITE_NODE_CACHE}"
+fi
 
 # Run a command once on every node of the job (one task per node, the job's CPUs per task),
 # after making the job's scratch directory there.

@@ -46,3 +46,10 @@ SITE_NODE_CACHE=${SITE_NODE_CACHE-}
 #   "module load Anaconda3 && conda activate hpc-dl-course"   or   "module load pytorch"
 #   ":"   (the Python on PATH, e.g. from a module loaded before)
 COURSE_ENV_ACTIVATE=${COURSE_ENV_ACTIVATE-}
+
+# --- The course's image (Apptainer) -----------------------------------------------------------
+# Empty: the environment above. Or the path of the image built from container/course.def (on the
+# parallel filesystem, readable by the learners), e.g. /project/hpc-dl-course/course.sif: every
+# file then runs its python and torchrun inside it (`apptainer exec`, --nv on NVIDIA nodes), with
+# the course, the data, the runs and the node-local scratch bound in. docs/containers.md.
+COURSE_CONTAINER=${COURSE_CONTAINER-}

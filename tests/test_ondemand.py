@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -35,6 +36,7 @@ CHOICES = {
     "defaults": {},
     "gpu-4x8": {"partition": "gpu", "num_gpus": "4", "cpus_per_gpu": "8", "num_hours": "12", "account": "proj_42"},
     "cpu-only": {"partition": "cpu", "num_gpus": "0", "cpus_per_gpu": "3", "num_hours": "1", "account": " "},
+    "container": {"course_container": "/project/hpc-dl-course/course.sif"},
 }
 
 # Renders the app as the dashboard does (ERB, trim_mode "-"): submit.yml.erb sees the form
@@ -123,7 +125,12 @@ def test_every_template_renders(name, tmp_path):
     for sh in ("template/before.sh.erb", "template/script.sh.erb"):
         check = subprocess.run(["bash", "-n"], input=rendered[sh], capture_output=True, text=True)
         assert check.returncode == 0, f"{sh}: {check.stderr}"
-    assert f"\n{form_attrs(CHOICES[name])['env_activate']}\n" in rendered["template/script.sh.erb"]
+    attrs, script = form_attrs(CHOICES[name]), rendered["template/script.sh.erb"]
+    if attrs["course_container"]:  # the image instead of the activation line
+        assert f'\nexport COURSE_CONTAINER="{attrs["course_container"]}"\n' in script
+        assert f"\n{attrs['env_activate']}\n" not in script
+    else:
+        assert f"\n{attrs['env_activate']}\n" in script and "COURSE_CONTAINER" not in script
     assert "/node/node1/8888/lab/tree/notebooks?token=secret" in rendered["view.html.erb"]
 
 
@@ -344,3 +351,35 @@ def test_default_conda_activation_works_in_a_batch_shell(tmp_path):
     done = subprocess.run(["bash", "-c", block], capture_output=True, text=True,
                           env={**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"})
     assert done.stdout == "hooked conda activate hpc-dl-course\n", done.stderr
+
+
+def test_with_a_container_image_jupyterlab_and_its_kernel_run_inside_it(tmp_path):
+    """The form's 'Container image': script.sh runs python and jupyter through the course's
+    wrappers (slurm/container/bin), here with a stand-in apptainer whose image holds the
+    course's .venv and a `jupyter` that only says how it was called; without the image file,
+    one line and exit 1 before anything runs."""
+    from test_container import binds, inner, records, standin_apptainer
+    inside = tmp_path / "image-bin"  # the image: the .venv's python, and a jupyter that says how it ran
+    inside.mkdir()
+    (inside / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # a venv's python: not a link
+    (inside / "python").chmod(0o755)
+    (inside / "jupyter").write_text('#!/bin/sh\necho "jupyter $*"\n')
+    (inside / "jupyter").chmod(0o755)
+    log, sif, session = standin_apptainer(tmp_path, inside), tmp_path / "course.sif", tmp_path / "session"
+    session.mkdir()
+    script = session / "script.sh"
+    script.write_text(render({"course_container": str(sif)}, session)["template/script.sh.erb"])
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "COURSE_DIR": str(ROOT),
+           "CONFIG_FILE": str(session / "jupyter_config.py")}
+    missing = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=session, timeout=60)
+    assert (missing.returncode, missing.stderr) == (1, f"ERROR: no image file {sif}: check the form's 'Container "
+                                                       "image'.\n") and records(log) == []
+    sif.write_bytes(b"stand-in image")
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=session, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == f"jupyter lab --config={session / 'jupyter_config.py'}"
+    calls = records(log)
+    assert [inner(c["argv"])[1:3] for c in calls] == [["python", "-c"], ["python", "-m"], ["jupyter", "lab"]]
+    assert all(inner(c["argv"])[0] == str(sif) and binds(c["argv"]) == [str(ROOT), str(session)] for c in calls)
+    kernel = json.loads((session / "jupyter/share/jupyter/kernels/hpc-dl-course/kernel.json").read_text())
+    assert kernel["display_name"] == "HPC DL course" and kernel["argv"][0] == sys.executable

@@ -32,6 +32,7 @@ import data
 from cluster_tools import (CPU_PARTITION, GPU_PARTITION, JOB_USER, Workspace, as_job_user, job_env, job_field,
                            require_cluster, site_file, slurm, wait_until_gone)
 from conftest import ROOT, cpu_env
+from test_container import binds, inner, records, standin_apptainer
 
 SLURM = ROOT / "slurm"
 EPOCHS = 2
@@ -162,6 +163,17 @@ def sitecustomize(ws: Path, code: str) -> str:
     return str(ws / "site")
 
 
+def in_container(ws: Path) -> tuple[dict, dict]:
+    """Container mode (docs/containers.md): the site and environment settings of a job that runs
+    its python inside an image, COURSE_CONTAINER in the site file, with a stand-in `apptainer`
+    first on PATH that records each call in ws/apptainer.jsonl (tests/test_container.py)."""
+    standin_apptainer(ws)
+    image = ws / "course.sif"
+    image.write_bytes(b"stand-in image")
+    image.chmod(0o644)
+    return {"COURSE_CONTAINER": str(image)}, {"PATH": f"{ws / 'bin'}:{job_env()['PATH']}"}
+
+
 def scenario(function):
     SCENARIOS[function.__name__] = function
     return function
@@ -262,13 +274,14 @@ def node_cache(pool: JobPool) -> list[tuple[Job, dict]]:
     ws = pool.workspace("cache")
     source, cache = ws / "birds", ws / "cache"
     synthetic_data(source, 8, 2)
+    container, path = in_container(ws)  # and inside the course's image (a stand-in apptainer)
     done = []
     for attempt in range(3):
         if attempt == 2:
             (source / "train" / data.find_classes(source)[0] / "added.jpg").write_bytes(
                 next((source / "train").glob("*/*.jpg")).read_bytes())
-        job = pool.submit("cache", "train.sbatch", SHORT, ws=ws, site={"SITE_NODE_CACHE": str(cache)},
-                          BIRDS_DATA=str(source),
+        job = pool.submit("cache", "train.sbatch", SHORT, ws=ws, site={"SITE_NODE_CACHE": str(cache), **container},
+                          BIRDS_DATA=str(source), **path,
                           EPOCHS="1", EXTRA_ARGS="--workers 0 --max-steps 1",
                           RUN_DIR=str(ws / "runs" / f"attempt-{attempt}"))
         if attempt:
@@ -306,7 +319,10 @@ def gpu_check(pool: JobPool) -> Job:
 
 @scenario
 def ddp_srun_multinode(pool: JobPool) -> Job:
-    return pool.submit("ddp-srun", "ddp_srun_multinode.sbatch").finish()
+    """Inside the course's image: every rank's python through slurm/container/bin (a stand-in apptainer)."""
+    ws = pool.workspace("ddp-srun")
+    container, path = in_container(ws)
+    return pool.submit("ddp-srun", "ddp_srun_multinode.sbatch", ws=ws, site=container, **path).finish()
 
 
 @scenario
@@ -472,9 +488,33 @@ def test_sbatch_ddp_srun_1node(pool):
     assert_ddp(job, 2, 1, "srun", cpus=2)
 
 
+def container_calls(ws: Path, *bound: Path) -> tuple[list[dict], list[dict]]:
+    """Every python of the jobs in ws ran inside the image (ws/course.sif, COURSE_CONTAINER)
+    through the stand-in apptainer, without --nv (no GPUs here), with the course, the node-local
+    scratch (/tmp) and `bound` (data, runs, node cache) visible at the same paths: bound, or
+    through a parent where one did not exist yet. Returns the calls of train.py and of staging."""
+    calls = records(ws / "apptainer.jsonl")
+    assert calls and all(c["argv"][0] == "exec" and inner(c["argv"])[:2] == [str(ws / "course.sif"), "python"]
+                         for c in calls), calls
+    assert not any({"--nv", "--rocm"} & set(c["argv"]) for c in calls), "no GPU driver on the test nodes"
+    for call in calls:
+        bind = [Path(b) for b in binds(call["argv"])]
+        assert {ROOT, Path("/tmp")} <= set(bind), call["argv"]
+        hidden = [p for p in bound if not any(p == b or b in p.parents for b in bind)]
+        assert hidden == [], call["argv"]
+        assert str(SLURM / "container" / "bin") not in call["path"].split(":"), "inside: python, not the wrapper"
+    return ([c for c in calls if inner(c["argv"])[2:3] == ["scripts/train.py"]],
+            [c for c in calls if inner(c["argv"])[2:4] == ["scripts/data.py", "stage"]])
+
+
 @uses("ddp_srun_multinode")
 def test_sbatch_ddp_srun_multinode(pool):
-    assert_ddp(pool.result("ddp_srun_multinode"), 4, 2, "srun", cpus=1)
+    """In container mode (COURSE_CONTAINER): srun's ranks on both nodes run inside the image."""
+    job = pool.result("ddp_srun_multinode")
+    assert_ddp(job, 4, 2, "srun", cpus=1)
+    runs, stages = container_calls(job.runs.parent, pool.data, job.runs)
+    assert sorted(int(c["rank"]) for c in runs) == [0, 1, 2, 3] and len({c["host"] for c in runs}) == 2
+    assert len(stages) == 2 and len({c["host"] for c in stages}) == 2, "staged on each node, in the image"
 
 
 @uses("torchrun_warned_twice")
@@ -558,6 +598,11 @@ def test_a_node_cache_is_reused_only_for_the_same_source(pool):
     for job in (first, second, third):
         assert_quiet(job)
         assert_scratch_removed(job)
+    # In container mode (COURSE_CONTAINER): the three jobs' staging and training in the image,
+    # with the node cache bound too.
+    ws = first.runs.parent
+    runs, stages = container_calls(ws, ws / "birds", ws / "runs", ws / "cache")
+    assert [c["rank"] for c in runs] == ["0"] * 3 and len(stages) == 3, "each job: staging and training"
     assert one["staged"] is not None and one["images"] == CLASSES * 8, "the cache keeps the copy after the job"
     assert two["staged"] == one["staged"], "the same source: reused"
     assert three["staged"] != two["staged"] and three["images"] == CLASSES * 8 + 1, "a changed source: copied again"

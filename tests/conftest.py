@@ -161,6 +161,9 @@ SLOW = {
     "tests/test_resilience.py::test_torchrun_ends_the_other_ranks_and_names_the_dead_one",
     "tests/test_resilience.py::test_resume_refuses_a_checkpoint_with_another_class_count",
     "tests/test_parallel.py::test_ddp_scores_the_test_split_as_one_process_does_with_the_lr_of_its_global_batch",
+    "tests/test_train.py::test_a_training_notebook_runs_a_second_time_into_the_same_folder",  # two notebook runs
+    "tests/test_parallel.py::test_rank_0_decides_whether_to_resume_for_every_rank",  # DDP runs of 2 processes
+    "tests/test_benchmark.py::test_the_ladder_reports_every_row_with_its_ratios",  # every row, fine-tuning too
 }
 SLOW_FIXTURES = {("test_parallel.py", "runs")}  # single, DataParallel and DDP with 1, 2 and 3 processes
 

@@ -129,7 +129,7 @@ def test_python_runs_inside_the_image_with_the_binds_and_without_the_wrapper_on_
     sif, data = image(tmp_path), tmp_path / "data"
     data.mkdir()
     env = wrapper_env(tmp_path, COURSE_CONTAINER=str(sif),
-                      COURSE_CONTAINER_BINDS=f"{ROOT}:{data}:runs:{tmp_path}/cache/new:{data}")
+                      COURSE_CONTAINER_BINDS=f"{ROOT}:{data}:not-made-{tmp_path.name}:{tmp_path}/cache/new:{data}")
     done = subprocess.run(["python", "-c", "import sys; print(sys.executable)"], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -138,7 +138,7 @@ def test_python_runs_inside_the_image_with_the_binds_and_without_the_wrapper_on_
     assert record["argv"][0] == "exec" and inner(record["argv"]) == [str(sif), "python", "-c",
                                                                       "import sys; print(sys.executable)"]
     # Relative binds are made absolute, duplicates dropped, and a directory that does not exist
-    # yet is bound through its nearest existing parent, not made here (runs/: the course's).
+    # yet is bound through its nearest existing parent, not made here (not-made-…: the course's root).
     assert binds(record["argv"]) == [str(ROOT), str(data), str(tmp_path)]
     assert not (tmp_path / "cache").exists()
     assert "--nv" not in record["argv"] and "--rocm" not in record["argv"], "no GPU driver on this machine"

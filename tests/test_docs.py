@@ -192,8 +192,9 @@ def message_templates() -> list[str]:
                 templates.append("".join(v.value if isinstance(v, ast.Constant) else "…" for v in node.values))
             elif isinstance(node, ast.Constant) and isinstance(node.value, str):
                 templates.append(node.value)
-    for path in sorted((ROOT / "slurm").iterdir()):
-        templates += path.read_text().splitlines()
+    for path in sorted((ROOT / "slurm").rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            templates += path.read_text().splitlines()
     return templates
 
 

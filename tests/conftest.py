@@ -164,6 +164,14 @@ SLOW = {
     "tests/test_train.py::test_a_training_notebook_runs_a_second_time_into_the_same_folder",  # two notebook runs
     "tests/test_parallel.py::test_rank_0_decides_whether_to_resume_for_every_rank",  # DDP runs of 2 processes
     "tests/test_benchmark.py::test_the_ladder_reports_every_row_with_its_ratios",  # every row, fine-tuning too
+    # 7-12 s each on 2 cores: several training runs, or scripts started in new processes
+    "tests/test_train.py::test_the_gradient_scaler_runs_only_with_fp16",
+    "tests/test_train.py::test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one",
+    "tests/test_train.py::test_resume_across_precisions",
+    "tests/test_train.py::test_resume_is_exact_in_every_configuration",
+    "tests/test_train.py::test_a_stopped_run_has_no_test_score_until_it_finishes",
+    "tests/test_hardware.py::test_the_header_line_says_how_many_compute_threads_the_allocation_gives",
+    "tests/test_parallel.py::test_sweep_rows_become_separate_runs_and_gather_tables_them",
 }
 SLOW_FIXTURES = {("test_parallel.py", "runs")}  # single, DataParallel and DDP with 1, 2 and 3 processes
 

@@ -792,6 +792,7 @@ class Run:
     epoch_rng: dict | None = None
     wandb: object = None
     lock: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    measure_cost: object = None  # train.CostMeter.measure: what the run used, for the summary of a stop
 
     @classmethod
     def start(cls, cfg, out: Path, model, optimizer, scaler, classes, world_size: int, precision: str,
@@ -891,10 +892,12 @@ class Run:
         if is_rank0() and position:
             save_checkpoint(self.out / "last.pt", self.checkpoint(epoch, self.epoch_rng, position))
         barrier(self.device)
+        cost = {"cost": self.measure_cost()} if self.measure_cost else {}  # every rank: a collective under DDP
         where = f"epoch {epoch + 1} step {position['step'] if position else 0}"
         self.finish()  # W&B closed and the directory unlocked before the job is requeued (and killed)
         note = requeue_slurm_job(self.out) if is_rank0() and reason == "SIGUSR1" else "resume with --resume"
-        return {**self.summary(), "stopped": f"stopped at {where} on {reason}; checkpoint {self.out / 'last.pt'}; {note}"}
+        return {**self.summary(), **cost,
+                "stopped": f"stopped at {where} on {reason}; checkpoint {self.out / 'last.pt'}; {note}"}
 
     def summary(self) -> dict:
         final = self.state.metrics[-1] if self.state.metrics else {}

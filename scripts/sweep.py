@@ -171,7 +171,9 @@ def run_row(sweep_file: Path, index: int, runs_dir: Path, train_args: list[str])
 # `slurm/gpu_monitor.sh` in a GPU job), `gather` plots its GPU utilisation and memory
 # into `gpu.png`. A utilisation well below 100 % means the GPU waited; one near 100 %
 # means only that some kernel was running in every sample, not that the GPU was used
-# well: the power draw and the images/s achieved say more.
+# well: the power draw and the images/s achieved say more. `device_h` and `energy_kj` are
+# what the run cost (`cost` in `summary.json`, lesson 3): device-hours, what your
+# allocation is charged, and the energy where a counter could be read, else `-`.
 #
 # The helpers that read and plot the runs are collapsed below; `gather` puts them together.
 
@@ -200,12 +202,20 @@ def run_summary(run: Path) -> dict:
             "best_val_acc": max((m["val_acc"] for m in metrics), default=float("nan")),
             "test_acc": final.get("test_acc", float("nan")),  # best.pt on test/, once the run finished
             "images_per_sec": last.get("images_per_sec", float("nan")),
-            "minutes": sum(m["epoch_seconds"] for m in metrics) / 60, "metrics": metrics}
+            "minutes": sum(m["epoch_seconds"] for m in metrics) / 60, **cost_columns(final.get("cost")),
+            "metrics": metrics}
+
+
+def cost_columns(cost: dict | None) -> dict:
+    """device_h and energy_kj from summary.json's cost (the job that finished the run); - where unknown."""
+    cost = cost or {}
+    joules = cost.get("energy_joules")
+    return {"device_h": cost.get("device_hours", "-"), "energy_kj": "-" if joules is None else joules / 1000}
 
 
 def format_table(summaries: list[dict]) -> str:
     columns = ["run", "arch", "lr", "global_batch", "processes", "epochs", "val_acc", "best_val_acc", "test_acc",
-               "images_per_sec", "minutes"]
+               "images_per_sec", "minutes", "device_h", "energy_kj"]
     cells = [[f"{s[c]:.4g}" if isinstance(s[c], float) else str(s[c]) for c in columns] for s in summaries]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]

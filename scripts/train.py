@@ -52,13 +52,16 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import math
 import os
 import platform
 import random
 import re
+import resource
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -320,6 +323,12 @@ def learning_rate(cfg, processes: int, epoch: int, step: int = 0, steps_per_epoc
 # several draws. A run that finished all its epochs therefore scores `best.pt` once on
 # the `test/` split, which nothing else looked at (`test_acc` in the summary line and in
 # `summary.json`); with no `test/` split it says so and skips it.
+#
+# The summary also says what the run **cost** (`cost` in `summary.json`, appendix):
+# its wall time, the devices it held (GPUs, or CPU cores), and their product,
+# `device_hours`, which is what an allocation is charged in; the peak memory
+# (`peak_mem_mb` in the summary line: the GPU's, or the host's on a CPU); and the energy
+# in joules, only where a counter is readable (RAPL on CPUs, NVML on GPUs), else `None`.
 
 # %%
 def fit(cfg, device: torch.device | None = None, stop: StopRequest | None = None) -> dict:
@@ -355,6 +364,7 @@ def fit(cfg, device: torch.device | None = None, stop: StopRequest | None = None
 # %%
 def prepare(cfg, rank: int, world_size: int, device: torch.device, log) -> Training:
     """Data, model, optimizer and the run directory; everything that can fail is checked first."""
+    cost = CostMeter(cfg, world_size, device)  # what the run uses from here on: time, memory, energy
     cfg.workers = capped_workers(cfg.workers, log)
     cfg.threads = set_compute_threads(cfg.workers)  # the cores the loader's workers leave (lesson 1)
     out = Path(broadcast_from_rank0(str(cfg.out or default_run_dir(cfg.arch))))
@@ -374,7 +384,7 @@ def prepare(cfg, rank: int, world_size: int, device: torch.device, log) -> Train
     run = Run.start(cfg, out, model, optimizer, scaler, splits["train"].classes, world_size, precision_name(dtype),
                     device, log, run_config(cfg, world_size, device, splits["train"].classes))
     return Training(cfg, out, splits, sampler, train_loader, val_loader, model, optimizer, scaler, dtype, run,
-                    rank, world_size, device, log)
+                    rank, world_size, device, log, cost)
 
 
 # %% [markdown]
@@ -554,6 +564,7 @@ class Training:
     world_size: int
     device: torch.device
     log: object
+    cost: CostMeter
 
     @property
     def classes(self) -> list[str]:
@@ -561,6 +572,7 @@ class Training:
 
     def __enter__(self) -> "Training":
         """Start the epochs: the speed switches of lesson 8, then the header lines."""
+        self.run.measure_cost = self.cost.measure  # for the summary of a run that stops, too
         try:
             self.apply_speed_switches()
             self.log_header()
@@ -570,6 +582,7 @@ class Training:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.cost.energy.done.set()  # the meter's thread ends, however fit ends
         self.run.finish()  # the W&B run is closed and the run directory unlocked, however fit ends
 
     def apply_speed_switches(self) -> None:
@@ -602,11 +615,12 @@ class Training:
         """The summary after the last epoch of this job; a run that did all its epochs scores best.pt on test/
         and writes summary.json."""
         if self.run.state.epoch < self.cfg.epochs:  # --stop-after: epochs remain, and best.pt may still change
-            return self.run.summary()
+            return {**self.run.summary(), "cost": self.cost.measure()}
         if "test" not in self.splits:
             self.log(f"notice: {self.cfg.data} has no test/ split with images: no test score, only valid/")
-            return self.run.conclude({})
-        return self.run.conclude(self.test_score())
+            return self.run.conclude({"cost": self.cost.measure()})
+        test = self.test_score()
+        return self.run.conclude({**test, "cost": self.cost.measure()})
 
     def test_score(self) -> dict:
         """best.pt evaluated once on test/, by the validation path: every image once, on any number of processes.
@@ -709,9 +723,11 @@ def summary_line(summary: dict) -> str:
         return f"stopped: {summary['stopped']}"
     test = (f"test_acc={summary['test_acc']:.4f} test_top5={summary['test_top5']:.4f} " if "test_acc" in summary
             else "")
+    cost = summary.get("cost")
+    used = (f"device_hours={cost['device_hours']:.3g} peak_mem_mb={peak_memory_mb(cost):.0f} " if cost else "")
     return (f"summary: epochs={summary.get('epoch', 0)}/{summary['epochs']} val_acc={summary.get('val_acc', float('nan')):.4f} "
             f"val_top5={summary.get('val_top5', float('nan')):.4f} best_val_acc={summary['best_val_acc']:.4f} {test}"
-            f"images_per_sec={summary.get('images_per_sec', float('nan')):.1f} run_dir={summary['run_dir']}")
+            f"images_per_sec={summary.get('images_per_sec', float('nan')):.1f} {used}run_dir={summary['run_dir']}")
 
 
 def pick_device(requested: str = "auto", local_rank: int = 0, log=print) -> torch.device:
@@ -736,6 +752,144 @@ def pick_device(requested: str = "auto", local_rank: int = 0, log=print) -> torc
             log(f"notice: ROCm build of PyTorch (HIP {torch.version.hip}) on an AMD GPU: the course's AMD paths "
                 "are untested")
     return device
+
+
+# %% [markdown]
+# ### What a run cost
+#
+# `CostMeter` starts with `prepare` and is read at the end of the run (and when it
+# stops), on every rank: its figures go into the summary, under `cost`, and for a run
+# that did all its epochs into `summary.json`. A run stopped by a time-limit warning has
+# no `summary.json` (lesson 4); its cost is in the summary `fit` returns.
+#
+# - `wall_seconds`: from `prepare` to the summary, in **this job** only. A resumed run
+#   starts again from 0: the summary of a run that took three jobs shows the third job's
+#   cost; add the jobs' figures (`sacct`) for the whole run.
+# - `devices` and `device_kind`: `gpu`, the GPUs of all ranks (one per rank; every visible
+#   GPU with DataParallel), or `cpu cores`, the cores this process may use
+#   (`available_cpus()`, the job's share) times the number of processes: the rule of one
+#   node, where each rank has its own cores.
+# - `device_hours`: devices x wall hours, what an allocation is charged in.
+# - `peak_host_memory_mb` (MiB): the largest resident memory of a rank's main process
+#   (`getrusage(RUSAGE_SELF)`; the DataLoader workers are processes of their own and
+#   not counted); `peak_device_memory_mb`: what PyTorch allocated on the GPU at most
+#   (`torch.cuda.max_memory_allocated`), `None` on the CPU. Both the maximum over ranks.
+# - `energy_joules`: on a CPU, from the RAPL package counters of the node's sockets, read
+#   by a thread every few seconds so that a counter wrapping around is counted right; on
+#   a GPU, its power draw (NVML, through `torch.cuda.power_draw`) integrated over time,
+#   summed over ranks. Where neither can be read (RAPL is readable only by root on
+#   Linux 5.10 and later; NVML needs `pynvml`), it is `None`, never a guess, and
+#   `energy_source` says why. RAPL counts the whole socket, other jobs' work on a shared
+#   node included, so DDP on CPUs (ranks sharing a node's counters) does not measure it.
+
+# %%
+RAPL_COUNTERS = "/sys/class/powercap/intel-rapl:*/energy_uj"  # one package (socket) each: intel-rapl:0, intel-rapl:1
+NOT_MEASURABLE = "not measurable here (no readable RAPL counter or NVML)"
+POLL_SECONDS = 5.0  # RAPL wraps after max_energy_range_uj: minutes at full power, so read it more often than that
+
+
+def rapl_counters() -> list[tuple[int, int]] | None:
+    """(energy in microjoules, the value where it wraps to 0) of every CPU package; None where unreadable."""
+    paths = [Path(p) for p in sorted(glob.glob(RAPL_COUNTERS)) if re.fullmatch(r"intel-rapl:\d+", Path(p).parent.name)]
+    try:
+        return [(int(p.read_text()), int(p.with_name("max_energy_range_uj").read_text())) for p in paths] or None
+    except (OSError, ValueError):
+        return None
+
+
+def gpu_power_watts(device: torch.device) -> float | None:
+    try:
+        return torch.cuda.power_draw(device) / 1000  # milliwatts, from NVML (needs pynvml)
+    except Exception:  # no pynvml, a GPU without power readings, a ROCm build without amdsmi
+        return None
+
+
+class EnergyMeter:
+    """Joules used since it started: the RAPL counters' increase on a CPU, the GPU's power draw integrated on a
+    GPU; a thread reads them every `every` seconds (0: only when polled)."""
+
+    def __init__(self, device: torch.device | None, every: float = POLL_SECONDS):
+        self.device, self.lock, self.done = device, threading.Lock(), threading.Event()
+        self.last = self.reading()
+        self.joules = 0.0 if self.last is not None else None
+        if self.last is not None and every:
+            threading.Thread(target=self.keep_polling, args=(every,), daemon=True, name="energy-meter").start()
+
+    def reading(self):
+        if self.device is None:
+            return None
+        if self.device.type == "cuda":
+            watts = gpu_power_watts(self.device)
+            return None if watts is None else (time.perf_counter(), watts)
+        return rapl_counters()
+
+    def poll(self) -> None:
+        with self.lock:
+            if self.joules is None:
+                return
+            now = self.reading()
+            if now is None or self.device.type == "cpu" and len(now) != len(self.last):
+                self.joules = None  # unreadable now: a partial sum would be a guess
+            elif self.device.type == "cuda":
+                (before, w0), (after, w1) = self.last, now
+                self.joules += (w0 + w1) / 2 * (after - before)  # trapezoids
+            else:
+                self.joules += sum(uj - old + (wrap if uj < old else 0)
+                                   for (uj, wrap), (old, _) in zip(now, self.last)) / 1e6
+            self.last = now
+
+    def keep_polling(self, every: float) -> None:
+        while not self.done.wait(every):
+            self.poll()
+
+    def stop(self) -> tuple[float | None, str]:
+        """The joules so far (None where not measurable), and where they come from."""
+        self.done.set()
+        self.poll()
+        if self.joules is None:
+            return None, NOT_MEASURABLE
+        if self.device.type == "cuda":
+            return self.joules, f"GPU power draw (NVML) sampled every {POLL_SECONDS:g} s, summed over ranks"
+        return self.joules, "RAPL package counters (the whole CPU sockets, other processes on the node included)"
+
+
+class CostMeter:
+    """What a run uses from its start: wall time, devices, peak memory and energy (the cost in the summary)."""
+
+    def __init__(self, cfg, world_size: int, device: torch.device):
+        self.started, self.world_size, self.device = time.perf_counter(), world_size, device
+        if device.type == "cuda":
+            visible = torch.cuda.device_count()
+            self.devices, self.kind = world_size * (visible if cfg.data_parallel and world_size == 1
+                                                    and visible > 1 else 1), "gpu"
+        else:
+            self.devices, self.kind = available_cpus() * world_size, "cpu cores"
+        # Under DDP on CPUs the ranks share a node's RAPL counters: not measured.
+        self.energy = EnergyMeter(device if device.type == "cuda" or world_size == 1 else None)
+
+    def measure(self) -> dict:
+        """The cost so far; every rank calls it (two small all-reduces under DDP), rank 0's is the run's."""
+        wall = time.perf_counter() - self.started
+        joules, source = self.energy.stop()
+        host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        gpu = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
+        if dist.is_initialized():
+            peaks = torch.tensor([host, gpu or 0.0], dtype=torch.float64, device=self.device)
+            dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+            host, gpu = peaks[0].item(), (peaks[1].item() if gpu is not None else None)
+            if self.device.type == "cuda":  # each rank measured its own GPU; a rank without a reading voids the sum
+                energy = torch.tensor([joules or 0.0, joules is None], dtype=torch.float64, device=self.device)
+                sum_over_ranks(energy)
+                joules, source = (energy[0].item(), source) if energy[1] == 0 else (None, NOT_MEASURABLE)
+        return {"wall_seconds": wall, "devices": self.devices, "device_kind": self.kind,
+                "device_hours": self.devices * wall / 3600, "peak_host_memory_mb": host, "peak_device_memory_mb": gpu,
+                "energy_joules": joules, "energy_source": source}
+
+
+def peak_memory_mb(cost: dict) -> float:
+    """The summary line's peak_mem_mb: the GPU's on a GPU, the host's on CPUs."""
+    gpu = cost.get("peak_device_memory_mb")
+    return gpu if gpu is not None else cost["peak_host_memory_mb"]
 
 
 # %% [markdown]

@@ -533,6 +533,7 @@ def test_a_stopped_run_has_no_test_score_until_it_finishes(tiny_data, tmp_path, 
     assert "test:" not in capsys.readouterr().out
     midway = stop_mid_epoch(tiny_data, tmp_path / "mid")
     assert "stopped" in midway and "test_acc" not in midway and not (tmp_path / "mid" / "summary.json").exists()
+    assert set(stopped["cost"]) == set(midway["cost"]) == COST_KEYS  # a stop says what it cost, too
     finished = fit(tiny_data, out, "--epochs", 2, "--max-steps", 2, "--resume")
     assert finished["test_acc"] == by_hand_on_test(out, tiny_data)["val_acc"]
     assert json.loads((out / "summary.json").read_text())["test_acc"] == finished["test_acc"]
@@ -626,3 +627,85 @@ def test_a_resume_may_change_lr_scaling_and_warm_up_with_a_notice(tiny_data, tmp
     assert lrs[1] == pytest.approx(train.cosine_lr(1e-3, 1, 3) * 4 / 5)  # the last step of epoch 2: 4 of 5 warm-up steps
     fit(tiny_data, out, "--epochs", 3, "--max-steps", 2, "--stop-after", 1, "--resume", *new)
     assert "notice: resuming with" not in capsys.readouterr().out  # unchanged: nothing to say
+
+
+# --- what a run cost: summary.json's cost, the summary line, gather's columns ---------------
+
+COST_KEYS = {"wall_seconds", "devices", "device_kind", "device_hours", "peak_host_memory_mb", "peak_device_memory_mb",
+             "energy_joules", "energy_source"}
+
+
+def rapl_file(tmp_path, microjoules: int, wrap: int = 10**9):
+    """A stand-in for /sys/class/powercap/intel-rapl:0/: energy_uj and max_energy_range_uj."""
+    zone = tmp_path / "intel-rapl:0"
+    zone.mkdir(exist_ok=True)
+    (zone / "energy_uj").write_text(f"{microjoules}\n")
+    (zone / "max_energy_range_uj").write_text(f"{wrap}\n")
+    return zone / "energy_uj"
+
+
+def test_a_finished_cpu_run_records_what_it_cost(tiny_data, tmp_path, monkeypatch, capsys):
+    import time
+    monkeypatch.setattr(train, "RAPL_COUNTERS", str(tmp_path / "none" / "intel-rapl:*" / "energy_uj"))  # unreadable
+    started = time.perf_counter()
+    summary = fit(tiny_data, tmp_path / "run", "--epochs", 1, "--max-steps", 2)
+    measured = time.perf_counter() - started
+    cost = json.loads((tmp_path / "run" / "summary.json").read_text())["cost"]
+    assert cost == summary["cost"] and set(cost) == COST_KEYS
+    assert 0 < cost["wall_seconds"] < measured
+    assert cost["device_kind"] == "cpu cores" and cost["devices"] == data.available_cpus()
+    assert cost["device_hours"] == pytest.approx(cost["devices"] * cost["wall_seconds"] / 3600)
+    assert cost["peak_host_memory_mb"] > 50 and cost["peak_device_memory_mb"] is None  # a Python with torch; no GPU
+    assert cost["energy_joules"] is None and cost["energy_source"].startswith("not measurable here")
+    line = train.summary_line(summary)
+    assert f"device_hours={cost['device_hours']:.3g} peak_mem_mb={cost['peak_host_memory_mb']:.0f} run_dir=" in line
+    assert line.startswith("summary: epochs=1/1 val_acc=") and line.endswith(f"run_dir={tmp_path / 'run'}")
+
+    # gather: the device-hours of each run, and its energy where known
+    import sweep
+    capsys.readouterr()
+    rows = sweep.gather([tmp_path / "run"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[-2:] == ["device_h", "energy_kj"]
+    assert rows[0]["device_h"] == cost["device_hours"] and rows[0]["energy_kj"] == "-"
+    assert table[1].split()[-2:] == [f"{cost['device_hours']:.4g}", "-"]
+
+
+def test_energy_comes_from_the_rapl_counter_where_it_is_readable(tiny_data, tmp_path, monkeypatch):
+    counter = rapl_file(tmp_path, 5_000_000)
+    monkeypatch.setattr(train, "RAPL_COUNTERS", str(tmp_path / "intel-rapl:*" / "energy_uj"))
+    evaluate, passes = train.evaluate, []
+
+    def evaluate_using_2_joules(*args, **kwargs):  # the stand-in counter grows by 2 J in each evaluation
+        passes.append(1)
+        counter.write_text(f"{5_000_000 + 2_000_000 * len(passes)}\n")
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", evaluate_using_2_joules)
+    summary = fit(tiny_data, tmp_path / "run", "--epochs", 1, "--max-steps", 1)
+    cost = json.loads((tmp_path / "run" / "summary.json").read_text())["cost"]
+    assert len(passes) == 2 and cost["energy_joules"] == pytest.approx(4.0)  # valid/ and test/
+    assert cost["energy_source"].startswith("RAPL") and summary["cost"] == cost
+
+
+def test_the_energy_meter_counts_a_growing_counter_one_that_wraps_and_none_it_cannot_read(tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train, "RAPL_COUNTERS", str(tmp_path / "intel-rapl:*" / "energy_uj"))
+    counter = rapl_file(tmp_path, 1_000_000, wrap=10_000_000)
+    meter = train.EnergyMeter(cpu, every=0)  # no thread: the test polls
+    counter.write_text("3500000\n")
+    meter.poll()
+    assert meter.joules == pytest.approx(2.5)
+    counter.write_text("9000000\n")
+    meter.poll()
+    counter.write_text("500000\n")  # past max_energy_range_uj: it wrapped around to 0 and went on
+    joules, source = meter.stop()
+    assert joules == pytest.approx(8.0 + 1.5) and "RAPL" in source
+
+    unreadable = train.EnergyMeter(cpu, every=0)
+    counter.chmod(0)  # as on Linux since 5.10 for anyone but root
+    if os.access(counter, os.R_OK):  # root reads it anyway: take it away instead
+        counter.unlink()
+    assert train.EnergyMeter(cpu, every=0).stop() == (None, train.NOT_MEASURABLE)
+    assert unreadable.stop() == (None, train.NOT_MEASURABLE)  # readable at the start, not at the end: no guess
+    assert train.NOT_MEASURABLE == "not measurable here (no readable RAPL counter or NVML)"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -260,6 +261,10 @@ def test_ddp_scores_the_test_split_as_one_process_does_with_the_lr_of_its_global
     assert score["test_acc"] == one_process["val_acc"] and score["test_top5"] == one_process["val_top5"]
     assert score["test_loss"] == pytest.approx(one_process["val_loss"], rel=1e-5)
     assert f"test_acc={one_process['val_acc']:.4f}" in ddp.stdout.strip().splitlines()[-1]
+    cost = score["cost"]  # rank 0's record: the cores of both processes, the larger peak, no RAPL shared by ranks
+    assert cost["device_kind"] == "cpu cores" and cost["devices"] == 2 * max(1, len(os.sched_getaffinity(0)) // 2)
+    assert cost["peak_host_memory_mb"] > 50 and cost["energy_joules"] is None
+    assert f"device_hours={cost['device_hours']:.3g} peak_mem_mb=" in ddp.stdout.strip().splitlines()[-1]
 
 
 def test_gather_shows_the_test_score_of_finished_runs(tiny_data, tmp_path, capsys):
@@ -275,4 +280,6 @@ def test_gather_shows_the_test_score_of_finished_runs(tiny_data, tmp_path, capsy
     assert header.split()[column - 1] == "best_val_acc"
     assert {row.split()[0]: row.split()[column] for row in rows} == {"finished": f"{finished['test_acc']:.4g}",
                                                                      "stopped": "nan"}
+    assert {row.split()[0]: row.split()[-2] for row in rows} == {"finished": f"{finished['cost']['device_hours']:.4g}",
+                                                                 "stopped": "-"}  # device_h: a finished run's
     assert [s["run"] for s in summaries] == ["finished", "stopped"]

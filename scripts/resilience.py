@@ -773,6 +773,7 @@ class RunState:
     best_epoch: int = 0
     partial: dict | None = None
     metrics: list[dict] = field(default_factory=list)
+    spent: dict | None = None  # the wall time and device-hours of the jobs before this one (train.CostMeter)
 
 
 @dataclass
@@ -792,7 +793,7 @@ class Run:
     epoch_rng: dict | None = None
     wandb: object = None
     lock: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
-    measure_cost: object = None  # train.CostMeter.measure: what the run used, for the summary of a stop
+    cost_meter: object = None  # train.CostMeter: what the run used (cost in the summary, spent in last.pt)
 
     @classmethod
     def start(cls, cfg, out: Path, model, optimizer, scaler, classes, world_size: int, precision: str,
@@ -828,7 +829,7 @@ class Run:
             self.scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"])
         self.state = RunState(checkpoint["epoch"], checkpoint["best_val_acc"], checkpoint["best_epoch"],
-                              checkpoint["partial"], checkpoint["metrics"])
+                              checkpoint["partial"], checkpoint["metrics"], checkpoint.get("spent"))  # older: none
         where = (f"epoch {self.state.epoch + 1} step {self.state.partial['step']}" if self.state.partial
                  else f"the end of epoch {self.state.epoch}")
         self.log(f"resumed from {self.out / 'last.pt'} at {where}")
@@ -853,7 +854,8 @@ class Run:
         s = self.state
         return {**self.model_record(), "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": epochs_done, "partial": partial, "best_val_acc": s.best_val_acc, "best_epoch": s.best_epoch,
-                "rng": rng, "settings": self.settings, "metrics": s.metrics}
+                "rng": rng, "settings": self.settings, "metrics": s.metrics,
+                "spent": self.cost_meter.spent() if self.cost_meter else s.spent}
 
     def end_epoch(self, record: dict) -> None:
         """After each epoch, rank 0 writes last.pt (with every finished epoch's metrics), then best.pt, then the
@@ -892,7 +894,7 @@ class Run:
         if is_rank0() and position:
             save_checkpoint(self.out / "last.pt", self.checkpoint(epoch, self.epoch_rng, position))
         barrier(self.device)
-        cost = {"cost": self.measure_cost()} if self.measure_cost else {}  # every rank: a collective under DDP
+        cost = {"cost": self.cost_meter.measure()} if self.cost_meter else {}  # every rank: a collective under DDP
         where = f"epoch {epoch + 1} step {position['step'] if position else 0}"
         self.finish()  # W&B closed and the directory unlocked before the job is requeued (and killed)
         note = requeue_slurm_job(self.out) if is_rank0() and reason == "SIGUSR1" else "resume with --resume"

@@ -173,7 +173,8 @@ def run_row(sweep_file: Path, index: int, runs_dir: Path, train_args: list[str])
 # means only that some kernel was running in every sample, not that the GPU was used
 # well: the power draw and the images/s achieved say more. `device_h` and `energy_kj` are
 # what the run cost (`cost` in `summary.json`, lesson 3): device-hours, what your
-# allocation is charged, and the energy where a counter could be read, else `-`.
+# allocation is charged, and the energy where a counter could be read in a run of one
+# job, else `-`.
 #
 # The helpers that read and plot the runs are collapsed below; `gather` puts them together.
 
@@ -207,10 +208,12 @@ def run_summary(run: Path) -> dict:
 
 
 def cost_columns(cost: dict | None) -> dict:
-    """device_h and energy_kj from summary.json's cost (the job that finished the run); - where unknown."""
+    """device_h (of every job of the run) and energy_kj (measured in the job that finished it: shown for a run
+    of one job) from summary.json's cost; - where unknown."""
     cost = cost or {}
-    joules = cost.get("energy_joules")
-    return {"device_h": cost.get("device_hours", "-"), "energy_kj": "-" if joules is None else joules / 1000}
+    joules = cost.get("energy_joules") if cost.get("jobs", 1) == 1 else None
+    return {"device_h": cost.get("total_device_hours", cost.get("device_hours", "-")),
+            "energy_kj": "-" if joules is None else joules / 1000}
 
 
 def format_table(summaries: list[dict]) -> str:

@@ -572,7 +572,7 @@ class Training:
 
     def __enter__(self) -> "Training":
         """Start the epochs: the speed switches of lesson 8, then the header lines."""
-        self.run.measure_cost = self.cost.measure  # for the summary of a run that stops, too
+        self.run.cost_meter, self.cost.earlier = self.cost, self.run.state.spent  # a stop's summary, last.pt
         try:
             self.apply_speed_switches()
             self.log_header()
@@ -762,9 +762,11 @@ def pick_device(requested: str = "auto", local_rank: int = 0, log=print) -> torc
 # that did all its epochs into `summary.json`. A run stopped by a time-limit warning has
 # no `summary.json` (lesson 4); its cost is in the summary `fit` returns.
 #
-# - `wall_seconds`: from `prepare` to the summary, in **this job** only. A resumed run
-#   starts again from 0: the summary of a run that took three jobs shows the third job's
-#   cost; add the jobs' figures (`sacct`) for the whole run.
+# - `wall_seconds`: from `prepare` to the summary, in **this job** only (a resumed run
+#   took several). `last.pt` carries the wall time and device-hours of the jobs so far
+#   (`spent`, written with every checkpoint), so `jobs`, `total_wall_seconds` and
+#   `total_device_hours` are the whole run's; a job killed without warning adds its time
+#   up to its last checkpoint only. The other figures are this job's.
 # - `devices` and `device_kind`: `gpu`, the GPUs of all ranks (one per rank; every visible
 #   GPU with DataParallel), or `cpu cores`, the cores this process may use
 #   (`available_cpus()`, the job's share) times the number of processes: the rule of one
@@ -866,6 +868,14 @@ class CostMeter:
             self.devices, self.kind = available_cpus() * world_size, "cpu cores"
         # Under DDP on CPUs the ranks share a node's RAPL counters: not measured.
         self.energy = EnergyMeter(device if device.type == "cuda" or world_size == 1 else None)
+        self.earlier: dict | None = None  # spent() of the jobs before this one, from last.pt (a resumed run)
+
+    def spent(self, wall: float | None = None) -> dict:
+        """Wall time and device-hours of this job so far plus the jobs before it: last.pt keeps it for the next."""
+        wall = time.perf_counter() - self.started if wall is None else wall
+        before = self.earlier or {"wall_seconds": 0.0, "device_hours": 0.0, "jobs": 0}
+        return {"wall_seconds": before["wall_seconds"] + wall,
+                "device_hours": before["device_hours"] + self.devices * wall / 3600, "jobs": before["jobs"] + 1}
 
     def measure(self) -> dict:
         """The cost so far; every rank calls it (two small all-reduces under DDP), rank 0's is the run's."""
@@ -881,9 +891,11 @@ class CostMeter:
                 energy = torch.tensor([joules or 0.0, joules is None], dtype=torch.float64, device=self.device)
                 sum_over_ranks(energy)
                 joules, source = (energy[0].item(), source) if energy[1] == 0 else (None, NOT_MEASURABLE)
+        total = self.spent(wall)
         return {"wall_seconds": wall, "devices": self.devices, "device_kind": self.kind,
                 "device_hours": self.devices * wall / 3600, "peak_host_memory_mb": host, "peak_device_memory_mb": gpu,
-                "energy_joules": joules, "energy_source": source}
+                "energy_joules": joules, "energy_source": source, "jobs": total["jobs"],
+                "total_wall_seconds": total["wall_seconds"], "total_device_hours": total["device_hours"]}
 
 
 def peak_memory_mb(cost: dict) -> float:

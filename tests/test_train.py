@@ -534,8 +534,13 @@ def test_a_stopped_run_has_no_test_score_until_it_finishes(tiny_data, tmp_path, 
     midway = stop_mid_epoch(tiny_data, tmp_path / "mid")
     assert "stopped" in midway and "test_acc" not in midway and not (tmp_path / "mid" / "summary.json").exists()
     assert set(stopped["cost"]) == set(midway["cost"]) == COST_KEYS  # a stop says what it cost, too
+    spent = load(out / "last.pt")["spent"]  # the first job's, up to its checkpoint
+    assert spent["jobs"] == 1 and 0 < spent["wall_seconds"] <= stopped["cost"]["wall_seconds"]
     finished = fit(tiny_data, out, "--epochs", 2, "--max-steps", 2, "--resume")
     assert finished["test_acc"] == by_hand_on_test(out, tiny_data)["val_acc"]
+    cost = finished["cost"]  # this job's, and the run's: both jobs
+    assert cost["jobs"] == 2 and cost["total_wall_seconds"] == pytest.approx(spent["wall_seconds"] + cost["wall_seconds"])
+    assert cost["total_device_hours"] == pytest.approx(spent["device_hours"] + cost["device_hours"])
     assert json.loads((out / "summary.json").read_text())["test_acc"] == finished["test_acc"]
 
 
@@ -632,7 +637,7 @@ def test_a_resume_may_change_lr_scaling_and_warm_up_with_a_notice(tiny_data, tmp
 # --- what a run cost: summary.json's cost, the summary line, gather's columns ---------------
 
 COST_KEYS = {"wall_seconds", "devices", "device_kind", "device_hours", "peak_host_memory_mb", "peak_device_memory_mb",
-             "energy_joules", "energy_source"}
+             "energy_joules", "energy_source", "jobs", "total_wall_seconds", "total_device_hours"}
 
 
 def rapl_file(tmp_path, microjoules: int, wrap: int = 10**9):
@@ -655,6 +660,8 @@ def test_a_finished_cpu_run_records_what_it_cost(tiny_data, tmp_path, monkeypatc
     assert 0 < cost["wall_seconds"] < measured
     assert cost["device_kind"] == "cpu cores" and cost["devices"] == data.available_cpus()
     assert cost["device_hours"] == pytest.approx(cost["devices"] * cost["wall_seconds"] / 3600)
+    assert cost["jobs"] == 1 and (cost["total_wall_seconds"], cost["total_device_hours"]) == (
+        cost["wall_seconds"], cost["device_hours"])
     assert cost["peak_host_memory_mb"] > 50 and cost["peak_device_memory_mb"] is None  # a Python with torch; no GPU
     assert cost["energy_joules"] is None and cost["energy_source"].startswith("not measurable here")
     line = train.summary_line(summary)
@@ -709,3 +716,12 @@ def test_the_energy_meter_counts_a_growing_counter_one_that_wraps_and_none_it_ca
     assert train.EnergyMeter(cpu, every=0).stop() == (None, train.NOT_MEASURABLE)
     assert unreadable.stop() == (None, train.NOT_MEASURABLE)  # readable at the start, not at the end: no guess
     assert train.NOT_MEASURABLE == "not measurable here (no readable RAPL counter or NVML)"
+
+
+def test_gather_shows_the_device_hours_of_every_job_and_energy_only_for_a_run_of_one_job():
+    import sweep
+    one = {"device_hours": 0.5, "total_device_hours": 0.5, "jobs": 1, "energy_joules": 7200.0}
+    assert sweep.cost_columns(one) == {"device_h": 0.5, "energy_kj": 7.2}
+    resumed = {**one, "total_device_hours": 1.25, "jobs": 3}  # the last job's energy is not the run's
+    assert sweep.cost_columns(resumed) == {"device_h": 1.25, "energy_kj": "-"}
+    assert sweep.cost_columns(None) == sweep.cost_columns({}) == {"device_h": "-", "energy_kj": "-"}

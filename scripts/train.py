@@ -807,22 +807,23 @@ def gpu_power_watts(device: torch.device) -> float | None:
 
 
 class EnergyMeter:
-    """Joules used since it started: the RAPL counters' increase on a CPU, the GPU's power draw integrated on a
-    GPU; a thread reads them every `every` seconds (0: only when polled)."""
+    """Joules used since it started: the RAPL counters' increase on a CPU, the power draw of `devices` integrated
+    on GPUs (none: not measured); a thread reads them every `every` seconds (0: only when polled)."""
 
-    def __init__(self, device: torch.device | None, every: float = POLL_SECONDS):
-        self.device, self.lock, self.done = device, threading.Lock(), threading.Event()
+    def __init__(self, devices: list[torch.device], every: float = POLL_SECONDS):
+        self.devices, self.lock, self.done = devices, threading.Lock(), threading.Event()
+        self.gpu = bool(devices) and devices[0].type == "cuda"
         self.last = self.reading()
         self.joules = 0.0 if self.last is not None else None
         if self.last is not None and every:
             threading.Thread(target=self.keep_polling, args=(every,), daemon=True, name="energy-meter").start()
 
     def reading(self):
-        if self.device is None:
+        if not self.devices:
             return None
-        if self.device.type == "cuda":
-            watts = gpu_power_watts(self.device)
-            return None if watts is None else (time.perf_counter(), watts)
+        if self.gpu:
+            watts = [gpu_power_watts(device) for device in self.devices]
+            return None if None in watts else (time.perf_counter(), sum(watts))
         return rapl_counters()
 
     def poll(self) -> None:
@@ -830,9 +831,9 @@ class EnergyMeter:
             if self.joules is None:
                 return
             now = self.reading()
-            if now is None or self.device.type == "cpu" and len(now) != len(self.last):
+            if now is None or not self.gpu and len(now) != len(self.last):
                 self.joules = None  # unreadable now: a partial sum would be a guess
-            elif self.device.type == "cuda":
+            elif self.gpu:
                 (before, w0), (after, w1) = self.last, now
                 self.joules += (w0 + w1) / 2 * (after - before)  # trapezoids
             else:
@@ -850,7 +851,7 @@ class EnergyMeter:
         self.poll()
         if self.joules is None:
             return None, NOT_MEASURABLE
-        if self.device.type == "cuda":
+        if self.gpu:
             return self.joules, f"GPU power draw (NVML) sampled every {POLL_SECONDS:g} s, summed over ranks"
         return self.joules, "RAPL package counters (the whole CPU sockets, other processes on the node included)"
 
@@ -860,14 +861,16 @@ class CostMeter:
 
     def __init__(self, cfg, world_size: int, device: torch.device):
         self.started, self.world_size, self.device = time.perf_counter(), world_size, device
-        if device.type == "cuda":
-            visible = torch.cuda.device_count()
-            self.devices, self.kind = world_size * (visible if cfg.data_parallel and world_size == 1
-                                                    and visible > 1 else 1), "gpu"
+        visible = torch.cuda.device_count() if device.type == "cuda" else 0
+        # This process's GPUs: every visible one with DataParallel (wrap_model), else its own.
+        self.gpus = ([torch.device("cuda", i) for i in range(visible)] if cfg.data_parallel and world_size == 1
+                     and visible > 1 else [device] if visible else [])
+        if self.gpus:
+            self.devices, self.kind = world_size * len(self.gpus), "gpu"
         else:
             self.devices, self.kind = available_cpus() * world_size, "cpu cores"
         # Under DDP on CPUs the ranks share a node's RAPL counters: not measured.
-        self.energy = EnergyMeter(device if device.type == "cuda" or world_size == 1 else None)
+        self.energy = EnergyMeter(self.gpus or ([device] if world_size == 1 else []))
         self.earlier: dict | None = None  # spent() of the jobs before this one, from last.pt (a resumed run)
 
     def spent(self, wall: float | None = None) -> dict:
@@ -882,7 +885,7 @@ class CostMeter:
         wall = time.perf_counter() - self.started
         joules, source = self.energy.stop()
         host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        gpu = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
+        gpu = max((torch.cuda.max_memory_allocated(d) / 2**20 for d in self.gpus), default=None)
         if dist.is_initialized():
             peaks = torch.tensor([host, gpu or 0.0], dtype=torch.float64, device=self.device)
             dist.all_reduce(peaks, op=dist.ReduceOp.MAX)

@@ -699,7 +699,7 @@ def test_the_energy_meter_counts_a_growing_counter_one_that_wraps_and_none_it_ca
     cpu = torch.device("cpu")
     monkeypatch.setattr(train, "RAPL_COUNTERS", str(tmp_path / "intel-rapl:*" / "energy_uj"))
     counter = rapl_file(tmp_path, 1_000_000, wrap=10_000_000)
-    meter = train.EnergyMeter(cpu, every=0)  # no thread: the test polls
+    meter = train.EnergyMeter([cpu], every=0)  # no thread: the test polls
     counter.write_text("3500000\n")
     meter.poll()
     assert meter.joules == pytest.approx(2.5)
@@ -709,11 +709,11 @@ def test_the_energy_meter_counts_a_growing_counter_one_that_wraps_and_none_it_ca
     joules, source = meter.stop()
     assert joules == pytest.approx(8.0 + 1.5) and "RAPL" in source
 
-    unreadable = train.EnergyMeter(cpu, every=0)
+    unreadable = train.EnergyMeter([cpu], every=0)
     counter.chmod(0)  # as on Linux since 5.10 for anyone but root
     if os.access(counter, os.R_OK):  # root reads it anyway: take it away instead
         counter.unlink()
-    assert train.EnergyMeter(cpu, every=0).stop() == (None, train.NOT_MEASURABLE)
+    assert train.EnergyMeter([cpu], every=0).stop() == (None, train.NOT_MEASURABLE)
     assert unreadable.stop() == (None, train.NOT_MEASURABLE)  # readable at the start, not at the end: no guess
     assert train.NOT_MEASURABLE == "not measurable here (no readable RAPL counter or NVML)"
 
@@ -725,3 +725,17 @@ def test_gather_shows_the_device_hours_of_every_job_and_energy_only_for_a_run_of
     resumed = {**one, "total_device_hours": 1.25, "jobs": 3}  # the last job's energy is not the run's
     assert sweep.cost_columns(resumed) == {"device_h": 1.25, "energy_kj": "-"}
     assert sweep.cost_columns(None) == sweep.cost_columns({}) == {"device_h": "-", "energy_kj": "-"}
+
+
+def test_gpu_energy_integrates_the_power_draw_of_every_gpu_and_is_none_without_a_reading(monkeypatch):
+    import time
+    gpus = [torch.device("cuda", 0), torch.device("cuda", 1)]  # DataParallel: both GPUs of the process
+    monkeypatch.setattr(train, "gpu_power_watts", lambda device: 100.0 + 50 * device.index)  # 100 W and 150 W
+    before = time.perf_counter()
+    meter = train.EnergyMeter(gpus, every=0)
+    time.sleep(0.05)
+    joules, source = meter.stop()
+    assert 250 * 0.05 <= joules <= 250 * (time.perf_counter() - before)  # 250 W for the time between the readings
+    assert source.startswith("GPU power draw (NVML)")
+    monkeypatch.setattr(train, "gpu_power_watts", lambda device: None if device.index else 100.0)  # no NVML on one
+    assert train.EnergyMeter(gpus, every=0).stop() == (None, train.NOT_MEASURABLE)

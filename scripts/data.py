@@ -127,6 +127,10 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        # The work is done: a warning that comes now has nothing to save. Python resets its own
+        # handlers to the default (which kills) while it shuts down; an ignored signal stays ignored.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     sys.exit(status if isinstance(status, int) else 0)
 
 

@@ -7,6 +7,7 @@ import errno
 import os
 import re
 import shutil
+import signal
 import struct
 import tarfile
 import zipfile
@@ -378,3 +379,17 @@ def test_validation_and_plain_loaders_keep_every_image():
     images = TensorDataset(torch.zeros(25, 1), torch.arange(25))
     assert sum(batches(data.make_loader(images, 4, 0, sampler=train.ShardSampler(25, 0, 1))), []) == list(range(25))
     assert len(data.make_loader(images, 4, 0)) == 7 and batches(data.make_loader(images, 4, 0))[-1] == [24]
+
+
+def test_a_warning_after_the_work_is_done_is_ignored_not_fatal():
+    """Python resets its handlers to the default while it shuts down: a late SIGUSR1 (Slurm's
+    time-limit warning after training finished) must not kill the process and fail its job step."""
+    import resilience
+    stop = resilience.StopRequest()
+
+    def main(argv):
+        stop.install()  # as training does
+        return 0
+    with pytest.raises(SystemExit) as exit_:
+        data.run_cli(main, [])
+    assert exit_.value.code == 0 and signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN

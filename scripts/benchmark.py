@@ -107,6 +107,10 @@ class Spread:
     def __str__(self) -> str:
         return f"{self.median:.1f} img/s (min {self.min:.1f}, max {self.max:.1f})"
 
+    @classmethod
+    def of(cls, rates: list[float]) -> "Spread":
+        return cls(min(rates), statistics.median(rates), max(rates))
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -117,8 +121,7 @@ def spread_of(measure, cfg) -> Spread:
     """`measure(steps)` returns images/s: once untimed (warm-up), then `cfg.repeats` times."""
     if cfg.warmup:
         measure(cfg.warmup)
-    rates = [measure(cfg.steps) for _ in range(cfg.repeats)]
-    return Spread(min(rates), statistics.median(rates), max(rates))
+    return Spread.of([measure(cfg.steps) for _ in range(cfg.repeats)])
 
 # %% [markdown]
 # Try the rules on the smallest thing there is: a ResNet-18 forward pass on one random batch.
@@ -342,8 +345,7 @@ def cached_rates(setup, images, stream, cfg, rt) -> tuple[Spread, Spread]:
             timed_epoch(setup, loader, cfg, rt, epoch)
         synchronize(rt.device)
         return total / (time.perf_counter() - started)
-    runs = [whole_run(0) for _ in range(cfg.repeats)]
-    return Spread(min(runs), statistics.median(runs), max(runs)), ceiling
+    return Spread.of([whole_run(0) for _ in range(cfg.repeats)]), ceiling
 
 
 def measure(cfg, rt, ceilings: dict | None = None) -> dict[str, Spread]:

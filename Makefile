@@ -29,12 +29,15 @@ demo: $(STAMP)
 
 # Every test, as CI does (.ci/run starts the Slurm cluster first; without one the Slurm tests are
 # skipped and say why). pytest.ini prints the 15 slowest tests at the end.
+# Two processes (pytest-xdist): the Slurm tests, which mostly wait for their jobs, in one, with the
+# rest shared out (tests/conftest.py: GROUP_OF_TIER keeps the cluster's and the notebooks' tests together).
+TEST_PROCESSES ?= 2
 test: $(DEV_STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_PROCESSES) --dist loadgroup $(PYTEST_ARGS)
 
 # Day-to-day: all but the tiers slurm, browser, notebooks and slow (pytest.ini), ~2-3 min on 2 cores.
 check: $(DEV_STAMP)
-	$(PY) -m pytest -m "not slurm and not browser and not notebooks and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_PROCESSES) -m "not slurm and not browser and not notebooks and not slow" $(PYTEST_ARGS)
 
 # Rewrite scripts/ from the notebooks (the notebooks are the source).
 sync: $(STAMP)

@@ -121,7 +121,18 @@ def executed_notebooks(request, tiny_data, tmp_path_factory):
     read run together on first use."""
     import notebook_tools
     return notebook_tools.ExecutedNotebooks(tiny_data, tmp_path_factory.mktemp("notebooks"),
-                                            notebooks_read_by(request.session.items))
+                                            notebooks_read_by(request.session.items), lab=lab_for(request))
+
+
+def lab_for(request):
+    """A JupyterLab and a headless Chromium (tests/jupyterlab_tools.py: Lab) to execute the notebooks
+    in when the browser tests are selected and can run here; None (papermill) otherwise."""
+    import jupyterlab_tools
+    if not any("browser" in tiers_of(item) for item in request.session.items) or jupyterlab_tools.missing():
+        return None
+    lab = jupyterlab_tools.Lab(request.getfixturevalue("tmp_path_factory").mktemp("lab"))
+    request.addfinalizer(lab.close)
+    return lab
 
 
 def notebooks_read_by(items) -> list[str]:
@@ -176,13 +187,51 @@ SLOW = {
 SLOW_FIXTURES = {("test_parallel.py", "runs")}  # single, DataParallel and DDP with 1, 2 and 3 processes
 
 
+# `make test` runs the suite in two processes (pytest-xdist): the Slurm tests wait for jobs most of
+# the time, so the other process runs the rest meanwhile. The tests that share one costly thing run
+# in one process, one after another (pytest_xdist_make_scheduler): those of the local Slurm cluster
+# (its jobs need every core of both nodes, and the tests time requeues), and those that read the
+# notebooks executed once per run (a session fixture exists once per process). By file: xdist's
+# own groups (xdist_group marks) do not reach its scheduler under pytest 9.
+GROUP_OF_FILE = {**{name: "slurm" for name, tier in TIER_OF_FILE.items() if tier == "slurm"},
+                 "test_jupyterlab.py": "notebooks", "test_exercises.py": "notebooks",
+                 "test_lessons.py": "notebooks", "test_site.py": "notebooks"}
+
+
+def group_of(nodeid: str) -> str | None:
+    path = Path(nodeid.split("::")[0])
+    return "slurm" if path.parts[:2] == ("tests", "slurm") else GROUP_OF_FILE.get(path.name)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadgroup with the groups above; the largest group is handed out first."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class ByGroup(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid) or nodeid
+
+    return ByGroup(config, log)
+
+
+def tiers_of(item) -> list[str]:
+    path, fixtures = Path(item.path), getattr(item, "fixturenames", ())
+    tiers = [TIER_OF_FILE.get(path.name) or ("slurm" if path.is_relative_to(SLURM_DIR) else None)]
+    if "executed_notebooks" in fixtures:
+        tiers.append("notebooks")  # reads (and on first use executes) the notebooks
+    if item.nodeid.split("[")[0] in SLOW or any((path.name, f) in SLOW_FIXTURES for f in fixtures):
+        tiers.append("slow")
+    return [tier for tier in tiers if tier]
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        path, fixtures = Path(item.path), getattr(item, "fixturenames", ())
-        tier = TIER_OF_FILE.get(path.name) or ("slurm" if path.is_relative_to(SLURM_DIR) else None)
-        if tier:
+        tiers = tiers_of(item)
+        for tier in tiers:
             item.add_marker(tier)
-        if "executed_notebooks" in fixtures:
-            item.add_marker("notebooks")  # reads (and on first use executes) the notebooks
-        if item.nodeid.split("[")[0] in SLOW or any((path.name, f) in SLOW_FIXTURES for f in fixtures):
-            item.add_marker("slow")
+        if "notebooks" in tiers and group_of(item.nodeid) != "notebooks":
+            raise pytest.UsageError(f"{item.nodeid} reads the executed notebooks: add its file to GROUP_OF_FILE "
+                                    "(tests/conftest.py), or a second process of `make test` executes them again")

@@ -157,24 +157,27 @@ CELL_TIMEOUT_S = 600
 
 class ExecutedNotebooks(Mapping):
     """name -> artifacts/executed/<name>.ipynb: notebooks/<name>.ipynb executed once per test run
-    under papermill, with small_parameters, in notebooks/ (as a learner runs it), CPU only; each
-    exercise's solution and its check run again right after the shipped check
-    (with_solutions_after_checks), so one execution shows what a learner sees first and what the
-    solution gives. A notebook whose exercises are incomplete runs as shipped.
+    with small_parameters, CPU only; each exercise's solution and its check run again right after
+    the shipped check (with_solutions_after_checks), so one execution shows what a learner sees
+    first and what the solution gives. A notebook whose exercises are incomplete runs as shipped.
 
-    Readers: tests/test_exercises.py (the checks' `Not yet`/`Correct`), tests/test_site.py (the
-    site renders these copies with the added cells stripped). A notebook runs when it is first
-    read; `needed` (what the selected tests read) then runs together, two at a time: the kernels
-    have one thread each and the machine 2 cores.
+    Executed in JupyterLab, in headless Chromium, when the selected tests include the browser
+    tests (`lab`: tests/jupyterlab_tools.py), which then read the page's Report (`in_jupyterlab`);
+    otherwise under papermill, in notebooks/ (as a learner runs it), two at a time: the kernels
+    have one thread each and the machine 2 cores. Either way each notebook runs once.
 
-    Not reusable here, so executed on their own: tests/test_jupyterlab.py, which checks what
-    JupyterLab shows while its own kernel runs the cells (widgets need a live kernel, and the data
-    notebook's dataset browser is clicked), and test_site.py's test of the site's own executor, on
-    a two-cell notebook."""
+    Readers: tests/test_exercises.py (the checks' `Not yet`/`Correct`), tests/test_lessons.py
+    (the first output), tests/test_site.py (the site renders these copies with the added cells
+    stripped), tests/test_jupyterlab.py (what the page showed). A notebook runs when it is first
+    read; `needed` (what the selected tests read) then runs together.
 
-    def __init__(self, data_dir: Path, work: Path, needed: Iterable[str] = ()):
-        self.data_dir, self.work, self.needed = data_dir, work, list(needed)
+    Executed on their own: test_site.py's test of the site's own executor, on a two-cell notebook,
+    and test_train.py's second run of a training notebook into the same folder."""
+
+    def __init__(self, data_dir: Path, work: Path, needed: Iterable[str] = (), lab=None):
+        self.data_dir, self.work, self.needed, self.lab = data_dir, work, list(needed), lab
         self.paths: dict[str, Path] = {}
+        self.reports: dict = {}  # name -> jupyterlab_tools.Report, when run in JupyterLab
 
     def __getitem__(self, name: str) -> Path:
         if name not in notebook_names():
@@ -199,22 +202,54 @@ class ExecutedNotebooks(Mapping):
             self.execute(missing)
         return EXECUTED
 
+    def in_jupyterlab(self, name: str):
+        """The Report of the notebook's run in JupyterLab; None when it ran under papermill."""
+        self[name]
+        return self.reports.get(name)
+
     def execute(self, names: list[str]) -> None:
         EXECUTED.mkdir(parents=True, exist_ok=True)
+        if self.lab:  # one browser: one notebook after another
+            for name in names:
+                self.paths[name] = self.execute_in_jupyterlab(name)
+            return
         workers = min(2, os.cpu_count() or 1, len(names))
         with ThreadPoolExecutor(workers) as pool:
             for name, path in zip(names, pool.map(self.execute_one, names)):
                 self.paths[name] = path
 
-    def execute_one(self, name: str) -> Path:
-        """papermill in a subprocess (threads cannot share one process's kernel clients); a cell
-        that fails leaves its error in the executed copy, for the tests to report."""
+    def prepare(self, name: str) -> tuple[Path, Path, Path]:
+        """(the notebook to run, with the solutions after the checks; its work directory; the
+        executed copy's path, emptied)."""
         tmp = self.work / name
         tmp.mkdir(parents=True, exist_ok=True)
         shipped = read(name)
         source, target = tmp / f"{name}-with-solutions.ipynb", EXECUTED / f"{name}.ipynb"
         nbformat.write(shipped if problems(shipped) else with_solutions_after_checks(shipped), source)
         target.unlink(missing_ok=True)
+        return source, tmp, target
+
+    def execute_in_jupyterlab(self, name: str) -> Path:
+        """Parameters injected by papermill (nothing run), then every cell run in JupyterLab,
+        which saves the notebook; papermill's metadata gets the run's duration, as papermill
+        would (docs/build_site.py reads it). A run that did not save leaves no executed copy."""
+        import papermill
+        source, tmp, target = self.prepare(name)
+        in_lab = self.lab.root / "notebooks" / f"{name}.ipynb"
+        papermill.execute_notebook(str(source), str(in_lab), parameters=small_parameters(name, self.data_dir, tmp),
+                                   prepare_only=True, kernel_name="python3", progress_bar=False)
+        report = self.reports[name] = self.lab.run(name)
+        if not report.saved:
+            raise AssertionError(report.explain())
+        executed = nbformat.read(in_lab, as_version=4)
+        executed.metadata.setdefault("papermill", {})["duration"] = round(report.seconds, 3)
+        nbformat.write(executed, target)
+        return target
+
+    def execute_one(self, name: str) -> Path:
+        """papermill in a subprocess (threads cannot share one process's kernel clients); a cell
+        that fails leaves its error in the executed copy, for the tests to report."""
+        source, tmp, target = self.prepare(name)
         done = subprocess.run(
             [sys.executable, "-m", "papermill", str(source), str(target), "--no-progress-bar", "--log-level", "ERROR",
              "-y", json.dumps(small_parameters(name, self.data_dir, tmp)), "--cwd", str(NOTEBOOKS), "-k", "python3",

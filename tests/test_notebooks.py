@@ -71,7 +71,8 @@ def test_notebook_is_committed_without_outputs_and_has_parameters(name):
     assert any("Exercise" in "".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "markdown")
 
 
-# Every notebook is executed under papermill with these parameters once per test run, as shipped
-# and with the exercises' solutions (the executed_notebooks fixture, tests/notebook_tools.py); the
-# exercise checks (tests/test_exercises.py) and the course site (tests/test_site.py) read those
-# copies. tests/test_jupyterlab.py runs every notebook again, in a real JupyterLab.
+# Every notebook is executed with these parameters once per test run, as shipped and with the
+# exercises' solutions (the executed_notebooks fixture, tests/notebook_tools.py): in a real
+# JupyterLab when the browser tests (tests/test_jupyterlab.py) are selected, else under papermill;
+# the exercise checks (tests/test_exercises.py), the lessons' measures (tests/test_lessons.py) and
+# the course site (tests/test_site.py) read those copies.

@@ -135,6 +135,27 @@ def test_tests_are_marked_by_what_they_need():
     assert {key: item.markers for key, item in items.items()} == {
         "slurm": ["slurm"], "ondemand": ["slurm"], "cluster_script": ["slurm"], "browser": ["browser"],
         "reads_notebooks": ["notebooks"], "plain": [], "slow": ["slow"], "slow_fixture": ["slow"]}
+    # One process of `make test` runs the cluster's tests, one the notebooks' (their session fixtures).
+    assert {key: conftest.group_of(item.nodeid) for key, item in items.items()} == {
+        "slurm": "slurm", "ondemand": "slurm", "cluster_script": "slurm", "browser": "notebooks",
+        "reads_notebooks": "notebooks", "plain": None, "slow": None, "slow_fixture": None}
+
+
+def test_a_test_that_reads_the_executed_notebooks_outside_their_group_is_refused():
+    stray = fake_item("tests/test_train.py", "test_reads", ["executed_notebooks"])
+    with pytest.raises(pytest.UsageError, match="add its file to GROUP_OF_FILE"):
+        conftest.pytest_collection_modifyitems(None, [stray])
+
+
+def test_make_test_shares_tests_out_by_group(pytestconfig):
+    """pytest-xdist's scheduler gets the groups: whole groups, the rest one test at a time."""
+    as_in_make_test = {"dist": "loadgroup", "tx": ["2*popen"]}
+    config = SimpleNamespace(getvalue=lambda name: as_in_make_test.get(name) or pytestconfig.getvalue(name),
+                             option=pytestconfig.option, getini=pytestconfig.getini)
+    scheduler = conftest.pytest_xdist_make_scheduler(config, None)
+    assert [scheduler._split_scope(n) for n in ["tests/test_slurm.py::test_sbatch_train", "tests/slurm/x.py::t",
+                                                 "tests/test_site.py::test_pages[data]", "tests/test_train.py::t[a]"]] \
+        == ["slurm", "slurm", "notebooks", "tests/test_train.py::t[a]"]
 
 
 def test_every_test_named_slow_exists():

@@ -897,11 +897,15 @@ def verify_dataset(root: Path, open_images: bool = True) -> tuple[dict, list[str
 #
 # `download` uses Kaggle's public API with your credentials (`~/.kaggle/kaggle.json`, or
 # `KAGGLE_USERNAME` and `KAGGLE_KEY`). Run it on a **login node**: compute nodes usually
-# have no internet. An archive is extracted only if no member would land outside the
-# target directory (`../` paths, absolute paths, links): a malicious archive must not
-# overwrite your `~/.bashrc`. It is also refused when a member is both a file and a
-# folder, when it is damaged (a truncated download), and when it would not fit on the
-# disk once extracted: all checked before anything is written.
+# have no internet. A malicious archive must not overwrite your `~/.bashrc`: a tar archive
+# is extracted with tarfile's `filter="data"`, which refuses members that would land
+# outside the target (`../` paths, links pointing out, device files); a zip archive is
+# refused when a member climbs out with `..`, has an absolute path or is a link (zipfile
+# itself would only rename such a member quietly). An archive is also refused when a member
+# is both a file and a folder, when it is damaged (a bad CRC, a truncated download), and
+# when it would not fit on the disk once extracted. Either way it is extracted into a hidden
+# temporary folder and moved into place only when complete: a refused or damaged archive
+# leaves nothing behind.
 
 # %%
 KAGGLE_DATASET_URL = "https://www.kaggle.com/api/v1/datasets/download/gpiosenka/100-bird-species"
@@ -923,8 +927,9 @@ def kaggle_credentials() -> tuple[str, str] | None:
         raise UserError(f"{path} is not a Kaggle credentials file with 'username' and 'key'") from None
 
 
-def unsafe_member(name: str, is_link: bool = False) -> str | None:
-    """Why an archive member must not be extracted, or None when it is safe."""
+def unsafe_zip_member(name: str, is_link: bool = False) -> str | None:
+    """Why a zip member must not be extracted, or None when it is safe. (A tar member is
+    checked by tarfile's "data" filter as it is extracted: extract_archive.)"""
     if is_link:
         return "is a link"
     if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
@@ -936,7 +941,6 @@ def unsafe_member(name: str, is_link: bool = False) -> str | None:
 
 class Member(NamedTuple):
     name: str
-    is_link: bool  # links and devices are never extracted
     is_dir: bool
     size: int  # bytes once extracted
 
@@ -956,28 +960,26 @@ def damaged_archive_errors(archive: Path):
 
 
 def archive_members(archive: Path) -> list[Member]:
-    """The members of a .zip or .tar(.gz), checked: none escapes, none is both file and folder."""
+    """The members of a .zip or .tar(.gz), checked: no zip member escapes, none is both file and folder."""
     with damaged_archive_errors(archive):
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
-                members = [Member(m.filename, (m.external_attr >> 16) & 0o170000 == 0o120000, m.is_dir(), m.file_size)
-                           for m in zf.infolist()]
+                for info in zf.infolist():
+                    reason = unsafe_zip_member(info.filename, (info.external_attr >> 16) & 0o170000 == 0o120000)
+                    if reason:
+                        raise UserError(f"refusing to extract {archive}: member '{info.filename}' {reason}")
+                members = [Member(m.filename, m.is_dir(), m.file_size) for m in zf.infolist()]
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tf:
-                members = [Member(m.name, m.issym() or m.islnk() or not (m.isfile() or m.isdir()), m.isdir(), m.size)
-                           for m in tf.getmembers()]
+                members = [Member(m.name, m.isdir(), m.size) for m in tf.getmembers()]
         else:
             raise DataError(f"{archive} is neither a zip nor a tar archive, or it is damaged: "
                             "give the dataset directory or its .zip or .tar.gz archive, or download it again")
-    check_members(archive, members)
+    check_no_clash(archive, members)
     return members
 
 
-def check_members(archive: Path, members: list[Member]) -> None:
-    for member in members:
-        reason = unsafe_member(member.name, member.is_link)
-        if reason:
-            raise UserError(f"refusing to extract {archive}: member '{member.name}' {reason}")
+def check_no_clash(archive: Path, members: list[Member]) -> None:
     paths = [PurePosixPath(m.name.replace("\\", "/")) for m in members]
     files = {path for path, member in zip(paths, members) if not member.is_dir}
     folders = {path for path, member in zip(paths, members) if member.is_dir}
@@ -989,22 +991,46 @@ def check_members(archive: Path, members: list[Member]) -> None:
 
 
 def extract_archive(archive: Path, target: Path) -> None:
-    """Extract a checked archive (see archive_members) into target."""
+    """Extract a checked archive (see archive_members) into target, a temporary folder (see
+    partial_folder): a tar member that the "data" filter refuses stops it half-way."""
     with damaged_archive_errors(archive):
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
                 zf.extractall(target)
         else:
             with tarfile.open(archive) as tf:
-                tf.extractall(target, filter="data")
+                try:
+                    tf.extractall(target, filter="data")
+                except tarfile.FilterError as error:  # a TarError too: not "damaged"
+                    raise UserError(f"refusing to extract {archive}: member {error}") from None
+
+
+@contextmanager
+def partial_folder(parent: Path, name: str):
+    """A new hidden folder in parent to fill; if the block fails, it (and only it) is removed."""
+    partial = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}."))
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def safe_extract(archive: Path, target: Path) -> None:
-    """Extract a .zip or .tar(.gz) into target, refusing members that would escape it."""
+    """Extract a .zip or .tar(.gz) into target, all or nothing: nothing in target is replaced."""
     archive, target = Path(archive), Path(target)
     needed = space_needed(m.size for m in archive_members(archive))
     check_free_space(target, needed, f"extracting {archive}", "free space there or download to another directory")
-    extract_archive(archive, target)
+    with partial_folder(target, "extracting") as partial:
+        extract_archive(archive, partial)
+        extracted = sorted(partial.iterdir())
+        taken = [target / item.name for item in extracted if (target / item.name).exists()]
+        if taken:
+            raise DataError(f"{taken[0]} exists, and {archive} holds another: move it away or download to "
+                            "another directory")
+        for item in extracted:
+            os.replace(item, target / item.name)
+    partial.rmdir()
 
 
 def space_needed(sizes: Iterable[int]) -> int:
@@ -1229,14 +1255,10 @@ def discard_stale_copy(staged: Path) -> None:
 
 def fill_atomically(staged: Path, identity: dict, fill: Callable[[Path], None]) -> None:
     """fill() a hidden temporary folder, mark it, rename it to staged; on any failure remove only that folder."""
-    partial = Path(tempfile.mkdtemp(dir=staged.parent, prefix=f".{staged.name}."))
-    try:
+    with partial_folder(staged.parent, staged.name) as partial:
         fill(partial)
         (partial / ".staged").write_text(json.dumps(identity) + "\n")
         os.replace(partial, staged)  # all or nothing: a half copy is never used
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
 
 
 def copy_entries(source: Path, entries: list[Entry], target: Path) -> None:

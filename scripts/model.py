@@ -105,11 +105,14 @@ def check_num_classes(num_classes: int, what: str) -> None:
 # ```
 #
 # When the file is missing, `build_model(..., weights="imagenet")` below stops with one
-# line that gives this command. The code that fetches and loads the weights
+# line that gives this command. The file's name carries the start of its SHA-256
+# (`resnet152-f82ba261.pth`): both commands check it, so a truncated or foreign file under
+# that name is refused, with its path. The code that fetches and loads the weights
 # (`fetch_weights`, `load_backbone_weights`) is collapsed here:
 
 # %% jupyter={"source_hidden": true}
 # Where the weights live (cached_weights_path), fetch_weights (login node), load_backbone_weights (jobs).
+import hashlib
 import os
 import sys
 import urllib.error
@@ -126,20 +129,45 @@ def cached_weights_path(arch: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights_url(arch))
 
 
+def official_hash_prefix(arch: str) -> str:
+    """The start of the official file's sha256, which torchvision writes into its name
+    (resnet152-f82ba261.pth); read as torch.hub's own check_hash reads it."""
+    return torch.hub.HASH_REGEX.search(os.path.basename(weights_url(arch))).group(1)
+
+
+def check_official_weights(path: Path, arch: str) -> None:
+    """Refuse a file under the official name that is not the official file (a stand-in, a
+    truncated copy): its sha256 must start as its name says."""
+    expected = official_hash_prefix(arch)
+    with open(path, "rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    if not digest.startswith(expected):
+        raise UserError(f"{path} is not the official {arch} weights (its sha256 starts {digest[:len(expected)]}, "
+                        f"its name says {expected}): delete it and run "
+                        f"`python scripts/model.py fetch-weights --arch {arch}` on a login node")
+
+
 def fetch_weights(arch: str, url: str | None = None) -> Path:
-    """Download the ImageNet weights of `arch` into the torch.hub cache."""
+    """Download the ImageNet weights of `arch` into the torch.hub cache, checking their hash."""
     target = cached_weights_path(arch)
     if target.is_file():
+        check_official_weights(target, arch)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     url = url or weights_url(arch)
-    try:
-        torch.hub.download_url_to_file(url, str(target), progress=sys.stderr.isatty())
+    expected = official_hash_prefix(arch)
+    try:  # torch.hub writes a .partial file and moves it into place only when the hash matches
+        torch.hub.download_url_to_file(url, str(target), hash_prefix=expected, progress=sys.stderr.isatty())
     except (urllib.error.URLError, OSError) as error:
         raise UserError(
             f"cannot download {url} ({getattr(error, 'reason', error)}): run this on a node with "
             f"internet (a login node), or copy the file to {target}"
         ) from None
+    except RuntimeError as error:
+        if "invalid hash value" not in str(error):
+            raise
+        raise UserError(f"{url} is not the official {arch} weights (its sha256 does not start with {expected}): "
+                        f"nothing was saved to {target}; the official file is {weights_url(arch)}") from None
     return target
 
 
@@ -153,6 +181,7 @@ def load_backbone_weights(backbone: nn.Module, arch: str, weights: str) -> None:
                 f"internet): run `python scripts/model.py fetch-weights --arch {arch}` on a login node, "
                 "with the same TORCH_HOME, or use --weights none"
             )
+        check_official_weights(path, arch)
     else:
         path = Path(weights).expanduser()
         if not path.is_file():

@@ -4,6 +4,7 @@ training batch of one image cannot crash BatchNorm."""
 from __future__ import annotations
 
 import errno
+import io
 import os
 import re
 import shutil
@@ -245,19 +246,89 @@ def clashing_zip(path: Path) -> Path:
     return path
 
 
+def names_besides(destination: Path, files: dict[str, str]) -> list[str]:
+    """What the command left at the top of destination besides the others' files and its lock file:
+    a half-extracted member or a temporary folder would show here."""
+    others = {name.split("/")[0] for name in files}
+    return sorted(p.name for p in destination.iterdir() if p.name not in others and not p.name.endswith(".lock"))
+
+
+def into(command: str, archive: Path, destination: Path) -> list:
+    """The command line that extracts archive: `stage` into a copy under destination, or `download`
+    (from a file:// URL, which needs no credentials) into destination itself."""
+    if command == "stage":
+        return ["stage", archive, "--to", destination]
+    return ["download", destination, "--url", archive.as_uri()]
+
+
+@pytest.mark.parametrize("command", ["stage", "download"])
 @pytest.mark.parametrize("make,message", [
     (lambda tiny, tmp: damaged_zip(tiny, tmp / "birds.zip"), "is damaged (BadZipFile: Bad CRC-32"),
     (lambda tiny, tmp: truncated_tar(tiny, tmp / "birds.tar.gz", "w:gz"), "is damaged (EOFError"),
     (lambda tiny, tmp: truncated_tar(tiny, tmp / "birds.tar", "w"), "is damaged (ReadError"),
     (lambda tiny, tmp: clashing_zip(tmp / "birds.zip"), "member 'birds/train' is both a file and a folder"),
 ], ids=["bad-crc", "truncated-tar-gz", "truncated-tar", "file-folder-clash"])
-def test_a_corrupt_archive_is_one_line_and_leaves_nothing(tiny_data, tmp_path, capsys, make, message):
+def test_a_corrupt_archive_is_one_line_and_leaves_nothing(tiny_data, tmp_path, capsys, make, message, command):
     archive = make(tiny_data, tmp_path)
     destination = tmp_path / "node-local"
     files = others_files(destination)
-    err = one_line_error(capsys, "stage", archive, "--to", destination)
-    assert f"{archive}" in err and message in err, err
-    assert leftovers(destination, files) == [] and not (destination / "birds").exists()
+    err = one_line_error(capsys, *into(command, archive, destination))
+    assert message in err and "download it again" in err, err
+    assert command == "download" or f"{archive}" in err
+    assert names_besides(destination, files) == []
+    assert_intact(destination, files)
+
+
+def tar_with(path: Path, tiny_data: Path, member: tarfile.TarInfo) -> Path:
+    """A tar archive of the dataset with one more member at its end, after the images."""
+    with tarfile.open(path, "w") as tf:
+        tf.add(tiny_data, arcname="birds")
+        tf.addfile(member, io.BytesIO(b"pwned") if member.isfile() else None)
+    return path
+
+
+def tar_member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    member = tarfile.TarInfo(name)
+    member.type, member.linkname, member.size = kind, linkname, 5 if kind == tarfile.REGTYPE else 0
+    return member
+
+
+# tarfile's "data" filter refuses these as it reaches them, after the images: what it had
+# written by then goes with the temporary folder.
+@pytest.mark.parametrize("command", ["stage", "download"])
+@pytest.mark.parametrize("member,message", [
+    (tar_member("birds/../../evil.txt"), "member 'birds/../../evil.txt' would be extracted to "),
+    (tar_member("birds/up", tarfile.SYMTYPE, "../../.."), "member 'birds/up' would link to "),
+    (tar_member("birds/passwd", tarfile.SYMTYPE, "/etc/passwd"), "member 'birds/passwd' is a link to an absolute path"),
+    (tar_member("birds/null", tarfile.CHRTYPE), "member 'birds/null' is a special file"),
+], ids=["escape", "link-out", "absolute-link", "device"])
+def test_tar_members_refused_by_the_data_filter_leave_nothing(tiny_data, tmp_path, capsys, member, message, command):
+    archive = tar_with(tmp_path / "birds.tar", tiny_data, member)
+    destination = tmp_path / "node-local" / "deep"
+    files = others_files(destination)
+    err = one_line_error(capsys, *into(command, archive, destination))
+    assert "refusing to extract" in err and message in err, err
+    assert names_besides(destination, files) == [] and not (tmp_path / "node-local" / "evil.txt").exists()
+
+
+def test_a_tar_member_with_an_absolute_path_lands_inside(tiny_data, tmp_path, capsys):
+    """The "data" filter strips the leading slash, as tar itself does."""
+    archive = tar_with(tmp_path / "birds.tar", tiny_data, tar_member(f"{tmp_path}/evil.txt"))
+    code, out, err = cli(capsys, "stage", archive, "--to", tmp_path / "node-local")
+    assert code == 0, err
+    assert not (tmp_path / "evil.txt").exists()
+    assert (tmp_path / "node-local" / "birds" / str(tmp_path).lstrip("/") / "evil.txt").read_bytes() == b"pwned"
+
+
+def test_download_never_replaces_what_is_there(tiny_data, tmp_path, capsys):
+    archive = zip_of(tiny_data, tmp_path / "birds.zip")
+    (tmp_path / "birds" / "100-bird-species").mkdir(parents=True)
+    (tmp_path / "birds" / "100-bird-species" / "notes.txt").write_text("mine")
+    err = one_line_error(capsys, "download", tmp_path / "birds", "--url", archive.as_uri())
+    assert f"{tmp_path / 'birds' / '100-bird-species'} exists, and {tmp_path / 'birds'}" in err
+    assert "move it away or download to another directory" in err
+    assert sorted(p.name for p in (tmp_path / "birds").iterdir()) == ["100-bird-species"]
+    assert [p.name for p in (tmp_path / "birds" / "100-bird-species").iterdir()] == ["notes.txt"]
 
 
 # --- decompression bombs ---------------------------------------------------------------------------

@@ -1,6 +1,13 @@
 """The model: head sized from the data, what trains, and weights that never download in a job."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +15,26 @@ import torch.nn.functional as F
 import data
 import model
 from conftest import one_line_exit_2
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # stderr is what the tests read
+        pass
+
+
+@contextlib.contextmanager
+def serving(directory: Path, scheme: str):
+    """The base URL of `directory`: a file:// URL, or a local HTTP server on a free port."""
+    if scheme == "file":
+        yield directory.as_uri()
+        return
+    handler = functools.partial(QuietHandler, directory=str(directory))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{server.server_port}"
+        finally:
+            server.shutdown()
 
 
 def trainable_names(net) -> set[str]:
@@ -55,19 +82,60 @@ def test_fetch_weights_offline_is_one_line_and_exit_2(tmp_path, monkeypatch, cap
     assert err.startswith("error: cannot download http://127.0.0.1:9/w.pth") and "login node" in err
 
 
-def test_fetched_weights_are_used_by_imagenet_runs(tmp_path, monkeypatch):
-    """A local stand-in for the ImageNet file: fetched into TORCH_HOME, then loaded."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+def save_standin(path: Path):
+    """Random resnet18 weights: a stand-in for the ImageNet file, which is not downloaded here."""
     source = model.ARCHITECTURES["resnet18"][0](weights=None)
-    torch.save(source.state_dict(), tmp_path / "standin.pth")
+    torch.save(source.state_dict(), path)
+    return source
+
+
+def test_fetched_weights_are_used_by_imagenet_runs(tmp_path, monkeypatch):
+    """A stand-in fetched into TORCH_HOME, then loaded. Its hash is made official by naming it
+    as torchvision names its files: <arch>-<first hex digits of the sha256>.pth."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    source = save_standin(tmp_path / "standin.pth")
+    digest = hashlib.sha256((tmp_path / "standin.pth").read_bytes()).hexdigest()
+    monkeypatch.setattr(model, "weights_url", lambda arch: f"https://download.pytorch.org/models/resnet18-{digest[:8]}.pth")
     assert model.main(["fetch-weights", "--arch", "resnet18", "--url", (tmp_path / "standin.pth").as_uri()]) == 0
+    assert model.cached_weights_path("resnet18") == tmp_path / "torch" / "hub" / "checkpoints" / f"resnet18-{digest[:8]}.pth"
     assert model.cached_weights_path("resnet18").is_file()
-    assert model.cached_weights_path("resnet18").parent == tmp_path / "torch" / "hub" / "checkpoints"
     net = model.build_model("resnet18", 5, weights="imagenet")
     assert torch.equal(net.backbone.conv1.weight, source.conv1.weight)
     assert trainable_names(net) == {"head.weight", "head.bias"}
     finetuned = model.build_model("resnet18", 5, weights="imagenet", finetune=True)
     assert "backbone.conv1.weight" in trainable_names(finetuned)
+
+
+@pytest.mark.parametrize("server", ["file", "http"])
+def test_fetching_a_file_that_is_not_the_official_one_is_refused_and_caches_nothing(tmp_path, monkeypatch, capsys, server):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    save_standin(tmp_path / "standin.pth")
+    with serving(tmp_path, server) as base:
+        url = f"{base}/standin.pth"
+        err = one_line_exit_2(model.main, ["fetch-weights", "--arch", "resnet18", "--url", url], capsys)
+    target = model.cached_weights_path("resnet18")
+    assert err.startswith(f"error: {url} is not the official resnet18 weights (its sha256 does not start with "
+                          f"{model.official_hash_prefix('resnet18')}): nothing was saved to {target};"), err
+    assert list(target.parent.iterdir()) == []  # neither the file nor torch.hub's .partial
+
+
+@pytest.mark.parametrize("how", ["training", "fetch-weights"])
+def test_a_cached_file_under_the_official_name_whose_hash_differs_is_refused_naming_it(tmp_path, monkeypatch, capsys, how):
+    """What `fetch-weights --url` used to leave: any file, cached under the official name."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    target = model.cached_weights_path("resnet18")
+    target.parent.mkdir(parents=True)
+    save_standin(target)
+    run = (lambda argv: model.build_model("resnet18", 5, weights="imagenet")) if how == "training" else model.main
+    err = one_line_exit_2(run, ["fetch-weights", "--arch", "resnet18"], capsys)
+    assert err.startswith(f"error: {target} is not the official resnet18 weights (its sha256 starts "), err
+    assert err.rstrip().endswith("delete it and run `python scripts/model.py fetch-weights --arch resnet18` on a login node")
+    assert target.is_file()  # the course never deletes what it did not create
+
+
+def test_the_official_hash_prefix_is_read_from_torchvisions_file_name():
+    assert model.official_hash_prefix("resnet152") == "f82ba261"
+    assert model.official_hash_prefix("resnet18") == "f37072fd"
 
 
 def test_weights_of_another_architecture_are_refused(tmp_path):

@@ -7,7 +7,7 @@ DEV_STAMP := $(VENV)/.dev-installed-$(shell cat requirements.txt requirements-de
 DEMO_DATA := data/birds-synthetic
 NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 
-.PHONY: demo test check sync drift cluster-up cluster-down gpu-check benchmark site
+.PHONY: demo test check sync drift cluster-up cluster-down gpu-check benchmark site slides cheatsheet preflight
 
 # The environment: created on first use, reinstalled when requirements.txt changes.
 $(STAMP): requirements.txt
@@ -61,6 +61,20 @@ cluster-down:
 # outputs, the performance tables, each Slurm file beside its notebook (~3-5 min on 2 cores).
 site: $(DEV_STAMP)
 	$(PY) docs/build_site.py --out site $(SITE_ARGS)
+
+# The instructor's kit in kit/: a reveal.js deck per lesson from the cells the notebooks mark as
+# slides, opening offline (reveal.js fetched once with npm into .cache/); the cheat sheet as one
+# page of HTML and PDF (headless Chromium).
+slides: $(STAMP)
+	$(PY) docs/build_kit.py slides --out kit
+
+cheatsheet: $(STAMP)
+	$(PY) docs/build_kit.py cheatsheet --out kit
+
+# On the centre's cluster, before the workshop: one line per check (slurm/preflight.py). It runs
+# in the course's environment: .venv when there is one, else the Python on PATH (activate first).
+preflight:
+	$(if $(wildcard $(PY)),$(PY),python3) slurm/preflight.py $(PREFLIGHT_ARGS)
 
 # The CPU ladder of docs/performance.md (~9 min on 2 cores; measured with OMP_NUM_THREADS=1):
 # the original configuration, then one optimisation at a time.

@@ -12,7 +12,7 @@
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # # 9. Performance: how close to the hardware's limit?
 #
 # The previous lessons made training correct, parallel and fast by one flag each. This one
@@ -87,7 +87,7 @@ from data import (ShardSampler, UserError, atomic_write, available_cpus, load_sp
 from model import BirdClassifier, load_backbone_weights
 from resilience import write_json
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## Measuring honestly
 #
 # Three rules make a number mean something: **warm-up steps are not timed** (the first
@@ -126,7 +126,7 @@ def spread_of(measure, cfg) -> Spread:
 # %% [markdown]
 # Try the rules on the smallest thing there is: a ResNet-18 forward pass on one random batch.
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "subslide"} tags=["active-ipynb"]
 # probe_model = torchvision.models.resnet18(num_classes=10).eval()
 # probe_batch = torch.randn(8, 3, 64, 64)
 #
@@ -141,7 +141,7 @@ def spread_of(measure, cfg) -> Spread:
 #
 # print("forward pass:", spread_of(forward_rate, argparse.Namespace(warmup=1, steps=3, repeats=5)))
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # Look at the min and the max: the same work, timed five times, on a machine that also
 # runs other programs. Two configurations whose ranges overlap cannot be told apart by
 # this measurement, however different their medians look: the benchmark marks them
@@ -208,7 +208,7 @@ def timed_epoch(setup, loader, cfg, rt, epoch: int = 0) -> float:
                           steps)
     return steps.stats()["images_per_sec"]
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "subslide"}
 # ### One configuration (collapsed: the options and the set-up)
 #
 # A configuration is every option of `train.py` plus three switches that bring back what
@@ -387,7 +387,7 @@ def probe_step_rate(cfg, rt) -> float:
     finally:
         stream.close()
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## The ladder
 #
 # The ladder starts from the original workshop's configuration, as its batch files ran it
@@ -429,7 +429,7 @@ LADDER = [
 # kept row's fastest. A row whose end to end comes out above its own ceiling, which
 # cannot be, only shows that the measurement is noisier than the difference.
 
-# %%
+# %% slideshow={"slide_type": "subslide"}
 def judge(row: dict, kept: dict | None) -> tuple[bool, str]:
     """(kept, note) for a measured row against the last kept row."""
     train_ips, ceiling = row["spread"]["train"], row["spread"]["model"]
@@ -542,7 +542,7 @@ def ladder(cfg, rt) -> list[dict]:
     add_ratios(rows)
     return rows
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "subslide"}
 # ### The report (collapsed)
 #
 # A table, the same rows as JSON (machine, versions, every figure's min, median and max,
@@ -647,14 +647,14 @@ def report(command: str, cfg, rt, rows: list[dict], argv: list[str]) -> dict:
                                                     f"{result['machine'].get('gpu', result['machine']['cpu'])}")
     return result
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## Try it: the ladder on this machine
 #
 # The sizes in the first cell are small so that the notebook runs in a minute or two on a
 # laptop. On a GPU node, set `arch = "resnet152"`, `image_size = 224`, `batch_size = 64`
 # and `images = 1024`.
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "subslide"} tags=["active-ipynb"]
 # from data import make_synthetic
 #
 # if not Path(data_dir).exists():
@@ -671,7 +671,7 @@ def report(command: str, cfg, rt, rows: list[dict], argv: list[str]) -> dict:
 # %% tags=["active-ipynb"]
 # fig = plot_ladder(rows, title=f"{arch}, {image_size} px, {rt.device}")
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "subslide"}
 # ### Reading the ladder
 #
 # * **The spread first.** A `±` as large as the gap between two rows means this run cannot
@@ -686,21 +686,21 @@ def report(command: str, cfg, rt, rows: list[dict], argv: list[str]) -> dict:
 # * **`of ceiling` near 100 %**: the input pipeline keeps up; what is left is the model's
 #   own cost.
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## Optional: where does the time go? The profiler
 #
 # `train.py --profile` records training steps 2 to 5 with `torch.profiler` and writes a
 # trace (`profile/trace-rank0.json` in the run directory, for https://ui.perfetto.dev)
 # and a table of the operations that took the most time. Here we print the table.
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "fragment"} tags=["active-ipynb"]
 # profile_run = Path(out_dir) / "profiled"
 # train.fit(train.parse_args(["--data", data_dir, "--arch", arch, "--weights", "none", "--image-size", str(image_size),
 #                             "--batch-size", str(batch_size), "--epochs", "1", "--max-steps", "6", "--workers", "0",
 #                             "--profile", "--out", str(profile_run), "--overwrite"]))  # replaces an earlier run
 # print((profile_run / "profile" / "top-ops-rank0.txt").read_text())
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # Read the `Self CPU` column: on a CPU, convolutions (`mkldnn_convolution` and their
 # backward) should dominate. If `aten::copy_`, `to` or data loading ranked high, the
 # step would spend its time moving data rather than computing.
@@ -719,7 +719,7 @@ def report(command: str, cfg, rt, rows: list[dict], argv: list[str]) -> dict:
 # different batches and workers. No efficiency can be derived from them, and the course
 # derives none; `slurm/gpu_check.sbatch` measures single, DP and DDP on identical settings.
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## Exercises
 #
 # **1.** Which row of your ladder was kept last, the configuration every later row builds

@@ -12,7 +12,7 @@
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # # 1. The data: from JPEG files to batches of tensors
 #
 # A GPU can only train as fast as it is fed. Before any model, we look at the dataset on
@@ -184,7 +184,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     fsync(path.parent)
 
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## The dataset on disk
 #
 # The cell makes the synthetic stand-in when `data_dir` does not exist yet (for the real
@@ -223,18 +223,18 @@ def image_files(class_dir: Path) -> list[Path]:
     )
 
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "fragment"} tags=["active-ipynb"]
 # for split in SPLITS:
 #     per_class = {folder.name: len(image_files(folder)) for folder in class_folders(Path(data_dir) / split)}
 #     print(f"{split:5s}: {sum(per_class.values()):5d} images in {len(per_class)} classes:", dict(list(per_class.items())[:3]), "...")
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "subslide"}
 # ### A browser for the images
 #
 # Choose a species: the grid shows its first training images. Look for what tells the
 # species apart (colours of body, head and wing) and what does not (background, pose).
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "subslide"} tags=["active-ipynb"]
 # import ipywidgets as widgets
 # from IPython.display import display
 #
@@ -252,7 +252,7 @@ def image_files(class_dir: Path) -> list[Path]:
 # show_class(chooser.value)
 # display(widgets.VBox([chooser, grid]))
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## Labels come from class names, not folder order
 #
 # If each split numbered its own folders, one class missing from `valid/` would shift
@@ -291,13 +291,13 @@ def list_samples(root: Path, split: str, classes: list[str]) -> list[tuple[Path,
 # The trap, shown: a `valid/` split that lacks the first class and spells every name with
 # two spaces.
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "fragment"} tags=["active-ipynb"]
 # classes = find_classes(data_dir)
 # valid_folders = sorted(name.replace(" ", "  ") for name in classes[1:])
 # for folder in valid_folders[:3]:
 #     print(f"{folder!r:22} by folder order: {valid_folders.index(folder)}   by name: {classes.index(class_key(folder))}")
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # Look at: numbered by folder order, every label is one too small, so a model that is
 # always right would score 0 %; looked up by name, each folder gets its class's label.
 #
@@ -309,7 +309,7 @@ def list_samples(root: Path, split: str, classes: list[str]) -> list[tuple[Path,
 # distribution it had never seen. We keep the normalisation; `augment` (random crops and
 # flips, for training) is used later in the course.
 
-# %%
+# %% slideshow={"slide_type": "subslide"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -373,7 +373,7 @@ def load_rgb(path: Path, image_size: int) -> Image.Image:
 #     print(f"normalize={normalize!s:5}: {tuple(tensor.shape)} {tensor.dtype}, per-channel mean",
 #           tensor.mean(dim=(1, 2)).numpy().round(2), "std", tensor.std(dim=(1, 2)).numpy().round(2))
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # Look at: the shape is (channels, height, width). Without normalisation every value lies
 # in [0, 1]; with it, each value `x` of channel `c` becomes
 # `(x - IMAGENET_MEAN[c]) / IMAGENET_STD[c]`: check one channel's mean and std by hand.
@@ -497,12 +497,12 @@ def load_splits(root: Path, image_size: int = 224, augment: bool = False,
     }
 
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "fragment"} tags=["active-ipynb"]
 # splits = load_splits(data_dir, image_size=image_size)
 # image, label = splits["train"][0]
 # print(f"{len(splits['train'])} training images; item 0:", tuple(image.shape), "label", label, "=", splits["train"].classes[label])
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## The DataLoader and its knobs
 #
 # The `DataLoader` decodes JPEGs in `num_workers` background processes while the GPU
@@ -610,7 +610,7 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-# %%
+# %% slideshow={"slide_type": "subslide"}
 def make_loader(dataset: Dataset, batch_size: int, workers: int, *, shuffle: bool = False,
                 sampler=None, drop_last: bool = False, pin_memory: bool | None = None,
                 prefetch_factor: int = 4, persistent_workers: bool = True, collate_fn=None) -> DataLoader:
@@ -632,7 +632,7 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, *, shuffle: boo
 # images, labels = next(iter(loader))
 # print("one batch: images", tuple(images.shape), images.dtype, "| labels", tuple(labels.shape), labels[:8].tolist())
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "subslide"}
 # Look at: a batch is one tensor of shape (batch, channels, height, width) and one tensor of
 # labels; shuffled, the labels of a batch are mixed.
 #
@@ -662,7 +662,7 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, *, shuffle: boo
 # plt.xlabel("num_workers"); plt.ylabel("images/s"); plt.title(f"input pipeline, {available_cpus()} CPUs")
 # plt.show()
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # Look at: whether images/s grows with the workers, and where it stops. It need not grow:
 # each batch a worker makes is handed to the training process, and with small images (the
 # tests use 32 pixels) on a few shared CPUs that hand-over costs more than the decoding it

@@ -12,7 +12,7 @@
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # # 2. The model: a pretrained ResNet with a new head
 #
 # Training a ResNet-152 from scratch on 85 000 bird photos would take days. Instead we
@@ -48,18 +48,18 @@ from torchvision import models
 
 from data import UserError, run_cli
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## The layer we replace
 #
 # A torchvision ResNet ends in `fc`, a linear layer from the backbone's features to
 # ImageNet's 1000 classes. (Built here with `weights=None`: the layers are the same, and
 # nothing is downloaded.)
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "fragment"} tags=["active-ipynb"]
 # resnet = getattr(models, arch)(weights=None)
 # print("last layer:", resnet.fc)
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # Look at: `in_features`, the number of features the backbone gives (512 for ResNet-18,
 # 2048 for ResNet-50 and ResNet-152); our head maps them to our classes instead of 1000.
 #
@@ -68,7 +68,7 @@ from data import UserError, run_cli
 # `--arch` picks the depth: ResNet-18 (11 M parameters) trains on a laptop CPU in
 # seconds at small image sizes; ResNet-152 (60 M) is the workshop's model on GPUs.
 
-# %%
+# %% slideshow={"slide_type": "fragment"}
 ARCHITECTURES = {
     "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
     "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2),
@@ -91,7 +91,7 @@ def check_num_classes(num_classes: int, what: str) -> None:
         raise UserError(f"{what} {num_classes} is out of range: a classifier needs at least 2 classes")
 
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## Compute nodes must not download
 #
 # torchvision downloads weights on first use. On most clusters only **login nodes** reach
@@ -204,7 +204,7 @@ def load_backbone_weights(backbone: nn.Module, arch: str, weights: str) -> None:
     backbone.load_state_dict(state)
 
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## Backbone plus head
 #
 # The head's size comes from the dataset (the original workshop hard-coded 400 classes,
@@ -272,7 +272,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 # Build the model for our dataset and count what trains. (`weights="none"` here so the
 # notebook runs without the download; on the cluster use `"imagenet"`.)
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "fragment"} tags=["active-ipynb"]
 # frozen = BirdClassifier(arch, num_classes, freeze_backbone=True)
 # total, trainable = count_parameters(frozen)
 # print(f"{arch}, frozen backbone: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f} %)")
@@ -293,7 +293,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 # logits = frozen(torch.randn(4, 3, image_size, image_size))
 # print("logits", tuple(logits.shape), "= (batch, classes)")
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## Exercises
 #
 # **1.** How many parameters does the head of a frozen ResNet-152 have for the real

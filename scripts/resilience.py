@@ -12,7 +12,7 @@
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # # 4. Time limits, checkpoints and exact resume
 #
 # Every job on a cluster ends: at its time limit, when it is preempted for a job of
@@ -72,14 +72,14 @@ from torch.utils.data import DistributedSampler
 from data import UserError, atomic_write
 from model import build_model
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## Try it: stop a run the way Slurm does
 #
 # Five minutes before a job's time limit, the Slurm files of this course have Slurm send
 # the signal `SIGUSR1` to the training processes. Here we do the same by hand: start a
 # short training run in the background and send it `SIGUSR1` while its first epoch runs.
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "subslide"} tags=["active-ipynb"]
 # import signal, subprocess
 # from pathlib import Path
 # if not Path(data_dir).exists():
@@ -94,7 +94,7 @@ from model import build_model
 #         job.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=USR1@300` does
 # job.wait()
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # Look at the last line: `stopped at epoch 1 step 10 on SIGUSR1; checkpoint …/last.pt`. The
 # signal arrived after step 5, yet the run finished step 10 first: all processes of a
 # DDP job must stop after the **same** step, so they agree on it every 10 steps. Outside a
@@ -136,13 +136,13 @@ def agree_to_stop(stop: StopRequest | None, device: torch.device, diverged: torc
     return "diverged" if votes[2] > 0 else "SIGUSR1" if votes[0] > 0 else "SIGTERM" if votes[1] > 0 else None
 
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## Resume, and compare with a run that was never stopped
 #
 # `--resume` continues from `last.pt`. The claim of this lesson is that the result is
 # *exactly* what an uninterrupted run gives: same weights, same metrics. Check it.
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "fragment"} tags=["active-ipynb"]
 # !{sys.executable} ../scripts/train.py {" ".join(args[2:])} --out {out_dir} --resume
 # !{sys.executable} ../scripts/train.py {" ".join(args[2:])} --out {out_dir}-straight --overwrite
 # import torch
@@ -150,7 +150,7 @@ def agree_to_stop(stop: StopRequest | None, device: torch.device, diverged: torc
 # straight = torch.load(Path(out_dir + "-straight") / "last.pt", weights_only=True)["model"]
 # print("identical weights:", all(torch.equal(stopped[k], straight[k]) for k in straight))
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # Look at: `identical weights: True`, and `resumed from …/last.pt at epoch 1 step 10` in
 # the resumed run's output. Not approximately equal: equal, bit for bit.
 #
@@ -189,13 +189,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "fragment"} tags=["active-ipynb"]
 # checkpoint = torch.load(Path(out_dir) / "last.pt", weights_only=True)
 # print("stored:", ", ".join(checkpoint))
 # print("model tensors:", len(checkpoint["model"]), "| epochs finished:", checkpoint["epoch"],
 #       "| size on disk:", f'{(Path(out_dir) / "last.pt").stat().st_size / 1e6:.1f} MB')
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # A checkpoint is a pickle, and unpickling can run any code, so it is loaded with
 # `weights_only=True`, which accepts tensors and plain containers only.
 #
@@ -237,7 +237,7 @@ class ResumableSampler(DistributedSampler):
         return super().__len__() - self.skip
 
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## On the cluster: warning, checkpoint, requeue
 #
 # Every Slurm file of the course asks for the warning and allows the job to be requeued:
@@ -279,7 +279,7 @@ def requeue_slurm_job(out: Path) -> str:
     return f"could not requeue Slurm job {job} ({reason}): continue with --resume --out {out}"
 
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # The tests of this course check this on a real Slurm cluster: a job whose time limit
 # expires stops, requeues itself and ends with the weights and metrics of a run that
 # was never interrupted (`tests/test_slurm.py`).

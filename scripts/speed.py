@@ -12,7 +12,7 @@
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # # 8. Speed switches: one flag each
 #
 # `train.py` learns the same thing however it is switched; these options change only
@@ -64,13 +64,13 @@ from torch.utils.data import TensorDataset
 from data import ShardSampler, make_loader
 from resilience import sum_over_ranks
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## Try it: the same run, one switch
 #
 # One epoch of the small model, first as it is, then with the `channels_last` memory
 # layout. Compare the `img/s` of the two summary lines, and their accuracy.
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "fragment"} tags=["active-ipynb"]
 # from pathlib import Path
 # if not Path(data_dir).exists():
 #     !{sys.executable} ../scripts/data.py synthetic {data_dir} --classes 10 --image-size {image_size}
@@ -79,7 +79,7 @@ from resilience import sum_over_ranks
 # !{sys.executable} ../scripts/train.py {common} --out {out_dir}-plain | tail -n 1
 # !{sys.executable} ../scripts/train.py {common} --out {out_dir}-fast --channels-last | tail -n 1
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # Look at: the two `images_per_sec`. On a GPU, `channels_last` usually helps; on a CPU
 # it may help or not, and a small difference may be noise: run the cell again and see
 # how much the figures move. A switch is worth keeping only where it is measured to help,
@@ -107,7 +107,7 @@ from resilience import sum_over_ranks
 # https://docs.pytorch.org/docs/stable/notes/cuda.html#tensorfloat-32-tf32-on-ampere-and-later-devices
 # and https://docs.pytorch.org/docs/stable/generated/torch.set_float32_matmul_precision.html.
 
-# %%
+# %% slideshow={"slide_type": "subslide"}
 def pick_precision(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for full fp32."""
     if amp == "auto":
@@ -142,7 +142,7 @@ def precision_name(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## Memory layout, cuDNN autotuning, compilation
 #
 # `--channels-last` stores images and weights as NHWC (the channels of a pixel next to
@@ -160,7 +160,7 @@ def precision_name(dtype: torch.dtype | None) -> str:
 # during step *k* does. See https://docs.pytorch.org/tutorials/intermediate/pinmem_nonblock.html
 # and https://docs.pytorch.org/docs/stable/notes/cuda.html#cuda-streams.
 
-# %%
+# %% slideshow={"slide_type": "subslide"}
 def to_device(images, labels, device: torch.device, channels_last: bool):
     """A batch on the training device; non_blocking (from pinned memory) lets the CPU go on while the copy runs,
     but on the GPU it runs on the same stream as the compute, before it, not overlapping it."""
@@ -174,7 +174,7 @@ def set_cudnn_benchmark(on: bool) -> None:
     torch.backends.cudnn.benchmark = on  # a process-wide switch: set it for every run, on or off
 
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## Cached features: the frozen backbone's work, once
 #
 # A frozen backbone in evaluation mode gives the same features for an image in every
@@ -217,7 +217,7 @@ def cached_feature_loaders(model, splits, train_sampler, cfg, device, dtype, ran
             make_loader(valid, cfg.batch_size, 0, sampler=ShardSampler(len(valid), rank, world_size)))
 
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## JPEG decoding on the GPU (`--gpu-decode`)
 #
 # With many GPUs per node, the CPUs may not decode JPEGs fast enough. With
@@ -225,7 +225,7 @@ def cached_feature_loaders(model, splits, train_sampler, cfg, device, dtype, ran
 # process decodes a whole batch on the GPU with nvJPEG (the classes are in the `data`
 # lesson's appendix). It needs CUDA; elsewhere the option is ignored with a notice.
 
-# %%
+# %% slideshow={"slide_type": "fragment"}
 def use_gpu_decode(cfg, device: torch.device, log=print) -> bool:
     if cfg.gpu_decode and device.type != "cuda":
         log("notice: --gpu-decode needs a CUDA device; decoding the JPEGs on the CPU as usual")
@@ -235,18 +235,18 @@ def use_gpu_decode(cfg, device: torch.device, log=print) -> bool:
     return cfg.gpu_decode and device.type == "cuda"
 
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## Where does the time go? `--profile`
 #
 # `torch.profiler` records training steps 2 to 5 of the first epoch and writes a trace
 # that https://ui.perfetto.dev (or `chrome://tracing`) opens, and a table of the most
 # expensive operations (`top-ops-rank0.txt`).
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "fragment"} tags=["active-ipynb"]
 # !{sys.executable} ../scripts/train.py {common} --out {out_dir}-profile --profile > /dev/null
 # print((Path(out_dir + "-profile") / "profile" / "top-ops-rank0.txt").read_text()[:1500])
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # Look at: the operations at the top of the table. On a CPU, the convolutions
 # (`aten::mkldnn_convolution` and their backward) take most of the time: the model, not
 # the input pipeline, is the limit here.

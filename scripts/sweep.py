@@ -12,7 +12,7 @@
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # # 5. Independent runs: the parallelism that needs no communication
 #
 # Before splitting **one** training over several GPUs, ask whether you need one training
@@ -75,7 +75,7 @@ from pathlib import Path, PurePosixPath
 from data import UserError, atomic_write, run_cli
 import train
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## The sweep file
 #
 # A CSV file: a `name` column for the run directory, and one column per `train.py`
@@ -112,7 +112,7 @@ def sweep_arguments(row: dict[str, str], runs_dir: Path) -> list[str]:
 # `sweep.py run` turns a row into `train.py` options: here are both rows of the course's
 # sweep file as the command lines they become.
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "fragment"} tags=["active-ipynb"]
 # for row in read_sweep(sweep_file):
 #     print("train.py", " ".join(sweep_arguments(row, runs_dir)))
 
@@ -137,14 +137,14 @@ def run_row(sweep_file: Path, index: int, runs_dir: Path, train_args: list[str])
     return train.main(train_args + sweep_arguments(rows[index], runs_dir))
 
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## Try it: two runs at once
 #
 # We start both rows of the sweep file at the same time, as the two job steps of
 # `slurm/sweep_steps.sbatch` would, each restricted to one CPU thread (on the cluster:
 # one GPU each). Then we gather them.
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "subslide"} tags=["active-ipynb"]
 # import os
 # import subprocess
 # if not Path(data_dir).exists():
@@ -159,7 +159,7 @@ def run_row(sweep_file: Path, index: int, runs_dir: Path, train_args: list[str])
 #     print(job.communicate()[0].strip().splitlines()[-1])
 #     assert job.returncode == 0
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## Gathering the results
 #
 # Every run directory holds `config.json` and `metrics.jsonl`, so comparing runs needs no
@@ -273,7 +273,7 @@ def plot_gpu_use(run: Path) -> Path:
     return run / "gpu.png"
 
 
-# %%
+# %% slideshow={"slide_type": "subslide"}
 def gather(paths: list[Path], plot: Path | None = None) -> list[dict]:
     runs = find_runs(paths)
     if not runs:
@@ -294,7 +294,7 @@ def gather(paths: list[Path], plot: Path | None = None) -> list[dict]:
 # summaries = gather([runs_dir])
 # fig = plot_runs(summaries)
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # Read the table: which learning rate won, and did both runs take about the same time?
 # They did not wait for each other, so two runs cost one run's wall time on two devices.
 #

@@ -12,7 +12,7 @@
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # # 3. Training: the loop, validation, and a run you can trust
 #
 # The data of lesson 1 and the model of lesson 2 become a trained classifier: one
@@ -85,7 +85,7 @@ from resilience import (STOP_CHECK_EVERY, ResumableSampler, Run, StopRequest, ag
 from speed import (ProfiledLoader, autocast, cached_feature_loaders, pick_precision, precision_name,
                    set_cudnn_benchmark, to_device, use_gpu_decode)
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## The pieces from lessons 1 and 2
 #
 # A loader of training batches, a model with a new head for our classes, an optimizer
@@ -101,7 +101,7 @@ from speed import (ProfiledLoader, autocast, cached_feature_loaders, pick_precis
 # print(f"{len(splits['train'])} training images in {len(loader)} batches of {batch_size}; "
 #       f"{count_parameters(model)[1]:,} parameters train")
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## One epoch of training
 #
 # The textbook loop: forward, loss, backward, step. Three details matter for speed:
@@ -190,7 +190,7 @@ def interactive() -> bool:
     return sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
-# %%
+# %% slideshow={"slide_type": "subslide"}
 def train_one_epoch(model, loader, optimizer, scaler, dtype, device, cfg, steps: EpochSteps) -> EpochSteps:
     """One epoch (or its rest, after a mid-epoch resume); `steps` holds this process's sums."""
     model.train()
@@ -217,7 +217,7 @@ def train_one_epoch(model, loader, optimizer, scaler, dtype, device, cfg, steps:
 #                         EpochSteps(0, len(loader), torch.device("cpu"), cfg))
 # print(steps.stats())
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # Look at: `train_loss` (the mean over the epoch's images; chance level is
 # ln(classes) = 2.3 for 10 classes), `train_samples` (every training image once, or one
 # fewer: a last step of a single image is left out, lesson 1) and `images_per_sec`.
@@ -254,11 +254,11 @@ def evaluate(model, loader, dtype, device, cfg, ddp: bool = False) -> dict:
             "val_samples": int(count)}
 
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "fragment"} tags=["active-ipynb"]
 # valid = make_loader(splits["valid"], batch_size, workers=0)
 # print(evaluate(model, valid, None, torch.device("cpu"), cfg))
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # Look at: `val_acc` after one epoch, against chance (1 / number of classes), and
 # `val_samples`: every validation image once.
 #
@@ -268,7 +268,7 @@ def evaluate(model, loader, dtype, device, cfg, ddp: bool = False) -> dict:
 # It is a function of the epoch alone, so a run resumed with more `--epochs` (lesson 4)
 # follows the longer schedule instead of training at 0.
 
-# %%
+# %% slideshow={"slide_type": "fragment"}
 def cosine_lr(peak: float, epoch: int, epochs: int) -> float:
     """The learning rate of epoch `epoch` (from 0) of `epochs`: a cosine from peak down towards 0."""
     return peak * (1 + math.cos(math.pi * epoch / epochs)) / 2
@@ -310,7 +310,7 @@ def learning_rate(cfg, processes: int, epoch: int, step: int = 0, steps_per_epoc
         lr *= min(1.0, (epoch * steps_per_epoch + step + 1) / warmup_steps)
     return lr
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## Putting it together: `fit`
 #
 # `fit` builds the data, the model and the run directory (`prepare`, below), then runs
@@ -392,7 +392,7 @@ def prepare(cfg, rank: int, world_size: int, device: torch.device, log) -> Train
 # rank) and gives each rank its share; the validation sampler gives every image to
 # exactly one rank (lesson 7), and so does the test loader at the end of a run.
 
-# %%
+# %% slideshow={"slide_type": "subslide"}
 def build_loaders(cfg, splits: dict, rank: int, world_size: int):
     """The training sampler, the training loader and the validation loader of this process."""
     sampler = ResumableSampler(splits["train"], num_replicas=world_size, rank=rank, shuffle=not cfg.no_shuffle,
@@ -429,7 +429,7 @@ def wrap_model(model: nn.Module, cfg, ddp: bool, device: torch.device, log=print
     return torch.compile(model) if cfg.compile else model
 
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## Run it as the cluster will
 #
 # The same training as a script, the way a batch job runs it. Watch the per-epoch
@@ -437,18 +437,18 @@ def wrap_model(model: nn.Module, cfg, ddp: bool, device: torch.device, log=print
 # (`--overwrite`: this notebook may run twice; without it, the script refuses to replace
 # an earlier run in the same `--out`, lesson 4.)
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "fragment"} tags=["active-ipynb"]
 # options = (f"--data {data_dir} --arch {arch} --weights {weights} --image-size {image_size} --epochs {epochs} "
 #            f"--batch-size {batch_size} --workers {workers}")
 # !{sys.executable} ../scripts/train.py {options} --out {out_dir} --overwrite
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "subslide"}
 # ### The curves
 #
 # Everything is in `metrics.jsonl`, so plotting needs no running process: the same cell
 # works on a run that finished as a batch job last night.
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "subslide"} tags=["active-ipynb"]
 # import matplotlib.pyplot as plt
 # metrics = read_metrics(Path(out_dir))
 # done = [m["epoch"] for m in metrics]
@@ -462,13 +462,13 @@ def wrap_model(model: nn.Module, cfg, ddp: bool, device: torch.device, log=print
 # right.set_xlabel("epoch"); right.set_ylabel("validation accuracy"); right.legend()
 # plt.show()
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "subslide"}
 # ### Predictions against the truth
 #
 # The best model on a few validation images: green titles are right, red ones wrong.
 # `load_trained_model` rebuilds the whole model from `best.pt`.
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "subslide"} tags=["active-ipynb"]
 # from data import IMAGENET_MEAN, IMAGENET_STD
 # best_model, best = load_trained_model(Path(out_dir) / "best.pt")
 # picks = list(range(0, len(splits["valid"]), max(1, len(splits["valid"]) // 8)))[:8]
@@ -485,7 +485,7 @@ def wrap_model(model: nn.Module, cfg, ddp: bool, device: torch.device, log=print
 #     ax.axis("off")
 # plt.show()
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # Look at: do the mistakes share a colour? The synthetic species differ in colour only.
 #
 # ## Exercises

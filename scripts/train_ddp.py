@@ -12,7 +12,7 @@
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # # 7. DistributedDataParallel: one process per GPU, on as many nodes as you like
 #
 # DDP runs **one process per GPU**. Each process holds a full copy of the model, reads its
@@ -87,7 +87,7 @@ def is_ddp_test(test: ast.expr) -> bool:
     return isinstance(test, ast.Name) and test.id == "ddp"
 
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## What DDP adds to `train.py`
 #
 # `train.py` is one script for one process and for many (the choice of
@@ -96,7 +96,7 @@ def is_ddp_test(test: ast.expr) -> bool:
 # `train.py` that runs only under DDP. With one process, none of them runs; this is the
 # whole difference between the single-device script and the distributed one.
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "fragment"} tags=["active-ipynb"]
 # blocks = ddp_blocks(SCRIPTS / "train.py")
 # for function, first, text in blocks:
 #     print(f"--- {function}, line {first}")
@@ -127,7 +127,7 @@ def is_ddp_test(test: ast.expr) -> bool:
 # from data import ShardSampler
 # print([list(ShardSampler(10, rank, 3)) for rank in range(3)])
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # Look at: 10 images over 3 ranks, each image once. A `DistributedSampler` would pad to
 # 4 + 4 + 4 by repeating two images, and count them twice. (In `resilience.py`, rank 0
 # alone decides whether to resume and writes the checkpoints; the others receive its
@@ -150,7 +150,7 @@ def is_ddp_test(test: ast.expr) -> bool:
 #     --master-port {port} ../scripts/train.py --data {data_dir} --arch resnet18 --weights none \
 #     --image-size {image_size} --epochs {epochs} --batch-size {batch_size} --workers 0 --out {out_dir} --overwrite
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # Look at: one `rank … host … pid …` line per process (the first thing to read when a
 # multi-node job misbehaves), then one stream of lines from rank 0; the global batch
 # (`batch per process x processes`); and `val_samples`, every validation image once.
@@ -166,13 +166,13 @@ def is_ddp_test(test: ast.expr) -> bool:
 # normalises with each rank's own batch statistics, so fine-tuning with BatchNorm
 # matches only with `--sync-bn` (GPUs).
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "fragment"} tags=["active-ipynb"]
 # import json
 # metrics = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
 # print("val_samples per epoch:", [m["val_samples"] for m in metrics])
 # print("world size:", json.load(open(Path(out_dir) / "config.json"))["world_size"])
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## Large batches: the learning rate must change too
 #
 # *W* processes with `--batch-size B` take steps of *W·B* images. At a fixed number of
@@ -197,7 +197,7 @@ def is_ddp_test(test: ast.expr) -> bool:
 # points to check against the validation accuracy, not laws, and beyond some batch size
 # no rate recovers the accuracy of smaller batches.
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "fragment"} tags=["active-ipynb"]
 # import train
 # for rule in train.LR_SCALING:  # 4 processes, 4 steps per epoch, 1 warm-up epoch, 3 epochs
 #     cfg = train.parse_args(["--lr", "1e-3", "--lr-scaling", rule, "--warmup-epochs", "1", "--epochs", "3"])
@@ -207,7 +207,7 @@ def is_ddp_test(test: ast.expr) -> bool:
 # Look at: the first four steps climb to the scaled rate (1e-3, 4e-3 or 2e-3), then the
 # cosine falls, one value per epoch.
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## Launchers: `srun` or `torchrun`
 #
 # | | `srun python train.py` | `srun torchrun … train.py` |

@@ -12,7 +12,7 @@
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # # 6. DataParallel: several GPUs from one process (optional)
 #
 # `nn.DataParallel` is the one-line way to use every GPU of one node. What it does in
@@ -48,7 +48,7 @@
 # import sys
 # sys.path.insert(0, "../scripts")
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## The lines in `train.py`
 #
 # DataParallel is one wrapper around the model, in `wrap_model`. The optimizer, the
@@ -56,20 +56,20 @@
 # with DataParallel loads into a single-device run and back. Here `--batch-size` is the
 # **global** batch: DataParallel splits it between the GPUs.
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "fragment"} tags=["active-ipynb"]
 # import inspect
 # import train
 # source = inspect.getsource(train.wrap_model)
 # print(source[source.index("    elif cfg.data_parallel"):source.index("    return torch.compile")])
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # ## Try it
 #
 # On a CPU, or with one GPU, this is single-device training with one notice line. On a
 # node with several GPUs, watch `nvidia-smi` in a terminal while it runs: GPU 0's memory
 # is higher than the others', because the outputs and the optimizer live there.
 
-# %% tags=["active-ipynb"]
+# %% slideshow={"slide_type": "fragment"} tags=["active-ipynb"]
 # from pathlib import Path
 # if not Path(data_dir).exists():
 #     !{sys.executable} ../scripts/data.py synthetic {data_dir} --classes 10 --image-size {image_size}
@@ -77,7 +77,7 @@
 #     --image-size {image_size} --epochs {epochs} --batch-size {batch_size} --workers {workers} \
 #     --out {out_dir} --overwrite
 
-# %% [markdown]
+# %% [markdown] slideshow={"slide_type": "slide"}
 # Look at: the `notice: DataParallel needs 2 or more GPUs` line on a machine without
 # them, and `processes 1`: one process, whatever the number of GPUs.
 #

@@ -176,8 +176,8 @@ def test_every_path_link_and_make_target_in_the_kit_exists(doc):
 
 def test_a_missing_path_or_make_target_is_found():
     assert missing_references("Run `make demo` with `slurm/train.sbatch`.") == []
-    assert missing_references("Run `make slides` with `slurm/train_4gpu.sbatch`.") == [
-        "slurm/train_4gpu.sbatch", "make slides"]
+    assert missing_references("Run `make handouts` with `slurm/train_4gpu.sbatch`.") == [
+        "slurm/train_4gpu.sbatch", "make handouts"]
 
 
 # --- error messages quoted in the troubleshooting guide ---------------------------------------

@@ -27,8 +27,10 @@ from cluster_tools import (CPU_PARTITION, GPU_PARTITION, JOB_USER, Workspace, as
                            job_state, slurm)
 from conftest import ROOT, unavailable
 
+sys.path.insert(0, str(ROOT / "slurm"))
+import preflight  # noqa: E402  (renders the app as the pre-flight check does)
+
 APP = ROOT / "ondemand"
-TEMPLATES = ["submit.yml.erb", "view.html.erb", "template/before.sh.erb", "template/script.sh.erb"]
 APT_RUBY = "apt-get update && apt-get install -y --no-install-recommends ruby"
 
 # Form choices as the browser sends them (strings); unset fields keep form.yml's defaults.
@@ -38,29 +40,6 @@ CHOICES = {
     "cpu-only": {"partition": "cpu", "num_gpus": "0", "cpus_per_gpu": "3", "num_hours": "1", "account": " "},
     "container": {"course_container": "/project/hpc-dl-course/course.sif"},
 }
-
-# Renders the app as the dashboard does (ERB, trim_mode "-"): submit.yml.erb sees the form
-# attributes as bare methods, template/*.erb as `context.<attr>`, view.html.erb sees the
-# connection's host/port/password. A Struct makes a misspelt attribute an error.
-RENDER_RB = r"""
-require "erb"; require "json"
-req = JSON.parse($stdin.read)
-attrs = req["attrs"]
-context = Struct.new(*attrs.keys.map(&:to_sym), keyword_init: true).new(**attrs.transform_keys(&:to_sym))
-session = Struct.new(:id, :staged_root).new("test-session", req["work_dir"])
-render = ->(name, b) { ERB.new(File.read(File.join(req["app"], name)), trim_mode: "-").result(b) }
-out = {}
-req["files"].each do |name|
-  b = case name
-      when "submit.yml.erb" then context.instance_eval { binding }
-      when "view.html.erb"
-        host, port, password = req["conn"].values_at("host", "port", "password"); binding
-      else binding
-      end
-  out[name] = render.(name, b)
-end
-puts JSON.generate(out)
-"""
 
 # Stand-ins for the bash helpers OnDemand defines in its job script (ood_core's
 # batch_connect template), with /dev/tcp instead of nc, which the nodes may lack.
@@ -85,30 +64,22 @@ wait "$SCRIPT_PID"
 
 def form_attrs(choice: dict) -> dict[str, str]:
     """form.yml's values (a select's first option by default) overlaid with the choice."""
-    form = yaml.safe_load((APP / "form.yml").read_text())
-    attrs = {}
-    for name in form["form"]:
-        spec = form["attributes"][name]
-        attrs[name] = str(spec["value"] if "value" in spec else spec["options"][0][1])
+    attrs = preflight.form_defaults(APP)
     assert set(choice) <= set(attrs), "a choice names a field the form lacks"
     return {**attrs, **choice}
 
 
 def render(choice: dict, work_dir: Path, conn: dict | None = None) -> dict[str, str]:
+    """The app's templates as the dashboard renders them (slurm/preflight.py renders them too)."""
     if not shutil.which("ruby"):
         unavailable(f"no Ruby to render the ERB templates ({APT_RUBY})")
-    req = {"app": str(APP), "attrs": form_attrs(choice), "files": TEMPLATES, "work_dir": str(work_dir),
-           "conn": conn or {"host": "node1", "port": 8888, "password": "secret"}}
-    done = subprocess.run(["ruby", "-e", RENDER_RB], input=json.dumps(req), capture_output=True,
-                          text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+    return preflight.render_app(APP, form_attrs(choice), work_dir, conn)
 
 
 def native(rendered: dict) -> dict[str, str]:
     submit = yaml.safe_load(rendered["submit.yml.erb"])
     assert submit["batch_connect"]["template"] == "basic"
-    return dict(opt.split("=", 1) for opt in submit["script"]["native"])
+    return preflight.submit_options(rendered)
 
 
 def test_manifest_and_form_follow_ondemand_conventions():

@@ -24,6 +24,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,12 +36,10 @@ APT_CHROMIUM = "apt-get update && apt-get install -y --no-install-recommends chr
 RUN_TIMEOUT_S = 600  # one notebook, all cells
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
-# Chromium with no network beyond this machine's JupyterLab: no sync, updates or QUIC, and
-# every host name but localhost resolves to nothing.
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage",
-                 "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost , EXCLUDE 127.0.0.1"]
+# Chromium with no network beyond this machine: no sync, updates or QUIC, and every host name but
+# localhost resolves to nothing (docs/build_kit.py prints the cheat sheet with the same flags).
+sys.path.insert(0, str(ROOT / "docs"))
+from build_kit import CHROMIUM_OFFLINE as CHROMIUM_ARGS  # noqa: E402
 
 # User settings of the test's JupyterLab; no news or update checks, no extension manager (PyPI).
 SETTINGS = {
@@ -233,6 +232,18 @@ JS_SAVE = """async () => {
 }"""
 
 
+@contextmanager
+def launch_chromium():
+    """Headless Chromium through playwright (`playwright install` is not needed), offline."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium(), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
 @dataclass
 class Report:
     """What one notebook's run in JupyterLab showed."""
@@ -266,9 +277,8 @@ class Lab:
         self.log = state / "jupyterlab.log"
         self.server = self.start_server(state)
         try:
-            from playwright.sync_api import sync_playwright
-            self.playwright = sync_playwright().start()
-            self.browser = self.playwright.chromium.launch(executable_path=chromium(), headless=True, args=CHROMIUM_ARGS)
+            self.chromium = launch_chromium()
+            self.browser = self.chromium.__enter__()
         except BaseException:
             self.stop_server()
             raise
@@ -357,7 +367,6 @@ class Lab:
 
     def close(self) -> None:
         try:
-            self.browser.close()
-            self.playwright.stop()
+            self.chromium.__exit__(None, None, None)
         finally:
             self.stop_server()

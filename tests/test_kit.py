@@ -3,7 +3,7 @@ the cells the notebooks mark as slides, that opens with no network; the cheat sh
 of HTML and PDF.
 
 The tests marked `browser` open each deck in headless Chromium with every host name but
-localhost unresolvable (tests/test_jupyterlab.py's CHROMIUM_ARGS), check that reveal.js started
+localhost unresolvable (build_kit.CHROMIUM_OFFLINE, as the JupyterLab tests), check that reveal.js started
 and that no request left the file system, and save screenshots of the first two slides to
 artifacts/screenshots/slides-<name>-<n>.png; the cheat sheet's to cheatsheet.png."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from conftest import ROOT, unavailable
-from test_jupyterlab import SCREENSHOTS, browser  # noqa: F401  (browser: Chromium through playwright, a fixture)
+from jupyterlab_tools import SCREENSHOTS, launch_chromium, missing
 from test_notebooks import notebook_names
 
 sys.path.insert(0, str(ROOT / "docs"))
@@ -74,6 +74,15 @@ def test_pdf_pages_counts_page_objects_not_the_page_tree(tmp_path):
 
 
 # --- browser: every deck opens offline; the cheat sheet prints to one page ---------------------
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through playwright, with no network beyond this machine."""
+    if reason := missing():
+        unavailable(reason)
+    with launch_chromium() as chromium:
+        yield chromium
+
 
 @pytest.fixture(scope="module")
 def deck_dir(tmp_path_factory):

@@ -130,9 +130,21 @@ def lab_for(request):
     import jupyterlab_tools
     if not any("browser" in tiers_of(item) for item in request.session.items) or jupyterlab_tools.missing():
         return None
-    lab = jupyterlab_tools.Lab(request.getfixturevalue("tmp_path_factory").mktemp("lab"))
+    lab = jupyterlab_tools.Lab(request.getfixturevalue("tmp_path_factory").mktemp("lab"),
+                               request.getfixturevalue("offline_chromium"))
     request.addfinalizer(lab.close)
     return lab
+
+
+@pytest.fixture(scope="session")
+def offline_chromium():
+    """Headless Chromium through playwright, with no network beyond this machine; one per test
+    process (playwright's sync API runs one at a time): the notebooks' JupyterLab and the slides."""
+    import jupyterlab_tools
+    if reason := jupyterlab_tools.missing():
+        unavailable(reason)
+    with jupyterlab_tools.launch_chromium() as browser:
+        yield browser
 
 
 def notebooks_read_by(items) -> list[str]:

@@ -267,21 +267,15 @@ class Report:
 
 class Lab:
     """A JupyterLab on 127.0.0.1 with a random port and token and its own config and state,
-    serving <work>/course (notebooks/, links to scripts/ and slurm/), and one headless Chromium."""
+    serving <work>/course (notebooks/, links to scripts/ and slurm/), opened in a headless Chromium."""
 
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, browser):
         self.root, state = work / "course", work / "jupyter-state"
         (self.root / "notebooks").mkdir(parents=True)
         for name in ("scripts", "slurm"):
             (self.root / name).symlink_to(ROOT / name, target_is_directory=True)
         self.log = state / "jupyterlab.log"
-        self.server = self.start_server(state)
-        try:
-            self.chromium = launch_chromium()
-            self.browser = self.chromium.__enter__()
-        except BaseException:
-            self.stop_server()
-            raise
+        self.server, self.browser = self.start_server(state), browser
 
     def start_server(self, state: Path) -> subprocess.Popen:
         env = cpu_env()
@@ -357,16 +351,10 @@ class Lab:
             report.log = self.log.read_text()[-3000:]
         return report
 
-    def stop_server(self) -> None:
+    def close(self) -> None:
         self.server.terminate()
         try:
             self.server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.server.kill()
             self.server.wait()
-
-    def close(self) -> None:
-        try:
-            self.chromium.__exit__(None, None, None)
-        finally:
-            self.stop_server()

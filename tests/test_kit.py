@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from conftest import ROOT, unavailable
-from jupyterlab_tools import SCREENSHOTS, launch_chromium, missing
+from jupyterlab_tools import SCREENSHOTS
 from test_notebooks import notebook_names
 
 sys.path.insert(0, str(ROOT / "docs"))
@@ -76,12 +76,8 @@ def test_pdf_pages_counts_page_objects_not_the_page_tree(tmp_path):
 # --- browser: every deck opens offline; the cheat sheet prints to one page ---------------------
 
 @pytest.fixture(scope="module")
-def browser():
-    """Headless Chromium through playwright, with no network beyond this machine."""
-    if reason := missing():
-        unavailable(reason)
-    with launch_chromium() as chromium:
-        yield chromium
+def browser(offline_chromium):
+    return offline_chromium
 
 
 @pytest.fixture(scope="module")

@@ -734,14 +734,14 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, *, shuffle: boo
 # %% [markdown]
 # Look at: a handful of files per split instead of one per image, and the same image
 # counts as `verify` printed at the start. What it buys, measured on the course's test
-# machine with `python scripts/data.py measure-io --files 20000` (seconds, median of 3,
+# machine with `python scripts/data.py measure-io --files 20000` (seconds, medians of 3,
 # cold page cache; one local disk, so no metadata server: on Lustre or GPFS the gap is
 # larger; `docs/performance.md` has the whole table, the method and the citations):
 #
-# | layout | stage | read one epoch's bytes |
+# | layout | stage | open and read one epoch's bytes |
 # |---|---|---|
-# | 20,000 files | 32.3 | 4.16 |
-# | 1 shard of the same images | 0.10 | 0.07 |
+# | 20,000 files | 32.3 | 5.5 |
+# | 1 shard of the same images | 0.10 | 1.7 |
 #
 # ## Exercises
 #
@@ -1375,10 +1375,13 @@ def staging_error(error: OSError, destination: Path, needed: int | None) -> Data
 #   `<key>.<jpg|png|cls>` (`../`, links, folders), and a shard whose images and labels do
 #   not pair up: each one line naming the shard.
 # * **Written with the standard library's `tarfile`**, not `webdataset`: the format is
-#   plain tar, which `tarfile` writes deterministically and reads with each member's offset;
-#   any WebDataset reader (or `tar tf`) reads these shards. The course needs random access
-#   by offset (below), which `webdataset`'s streaming pipeline does not offer, and one
-#   dependency less is one pin less to keep in step with `environment.yml`.
+#   plain tar (`tar tf` lists it; the layout is the one WebDataset's readers expect, not
+#   tested here since `webdataset` is not installed). `webdataset`'s pipeline streams
+#   shards in order; its indexed reader `wids` gives random access, with a JSON list of
+#   the shards much like `index.json`, and caches shards it downloads. What the course
+#   needs, deterministic tars, each member read by its offset and every member checked,
+#   is a few dozen lines of `tarfile`: one dependency and one pin in `requirements.txt`
+#   and `environment.yml` less.
 #
 # **How training reads them.** `ShardedImages` scans each shard's tar headers once
 # (a 512-byte header per member, no image is read) and keeps every image's offset and
@@ -1850,7 +1853,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the order of the images in the shards (default 0)")
     p = sub.add_parser("measure-io", help="time stage and one epoch's reads: small files against shards")
     p.add_argument("--files", type=int, default=20000, help="images in the measured dataset (default 20000)")
-    p.add_argument("--to", type=Path, default=None, help="where to write it, removed after (default $TMPDIR, else /tmp)")
+    p.add_argument("--to", type=Path, default=None,
+                   help="where to write it, removed after (default $TMPDIR, else /tmp)")
     p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help=f"as for pack (default {DEFAULT_SHARD_SIZE})")
     p.add_argument("--repeats", type=int, default=3, help="each figure: median, min and max of this many (default 3)")
     return parser

@@ -709,8 +709,8 @@ def read_checkpoint_file(path: Path, required: tuple[str, ...]) -> dict:
 # optimizer (its state has other entries) and the seed (the data order and every random
 # draw derive from it). Fixed within an epoch: what decides which images the rest of the
 # epoch holds, the data's order among them (`data_order`: folders, or which shards, see
-# the `data` lesson's appendix); a run stopped at an epoch's end may change them. Any other option that
-# changes the result applies from the resumed step on, with a notice: so do `--lr`,
+# the `data` lesson's appendix); a run stopped at an epoch's end may change them. Any
+# other option that changes the result applies from the resumed step on, with a notice: so do `--lr`,
 # `--lr-scaling` and `--warmup-epochs`, since the learning rate of a step is a function
 # of its epoch and step alone, and the resumed run follows the new schedule from there.
 
@@ -730,9 +730,10 @@ def run_settings(cfg, world_size: int, classes: list[str], frozen_weights_hash: 
             "finetune": cfg.finetune, "weights": "none" if cfg.weights == "none" else "pretrained",
             "frozen_weights_hash": frozen_weights_hash, "optimizer": cfg.optimizer, "seed": cfg.seed,
             "batch_size": cfg.batch_size, "processes": world_size, "augment": cfg.augment,
-            "no_shuffle": cfg.no_shuffle, "data_order": getattr(cfg, "data_order", "files"), "epochs": cfg.epochs, "lr": cfg.lr, "lr_scaling": cfg.lr_scaling,
-            "warmup_epochs": cfg.warmup_epochs, "weight_decay": cfg.weight_decay, "image_size": cfg.image_size,
-            "max_steps": cfg.max_steps, "precision": precision}
+            "no_shuffle": cfg.no_shuffle, "data_order": getattr(cfg, "data_order", "files"), "epochs": cfg.epochs,
+            "lr": cfg.lr, "lr_scaling": cfg.lr_scaling, "warmup_epochs": cfg.warmup_epochs,
+            "weight_decay": cfg.weight_decay, "image_size": cfg.image_size, "max_steps": cfg.max_steps,
+            "precision": precision}
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "partial", "best_val_acc", "best_epoch", "rng",

@@ -76,6 +76,8 @@ import errno
 import fcntl
 import gzip
 import hashlib
+import io
+import itertools
 import json
 import lzma
 import multiprocessing
@@ -84,6 +86,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import sys
 import tarfile
 import tempfile
@@ -162,9 +165,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)  # reading the umask means setting it: put it straight back
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
+    os.fchmod(fd, 0o666 & ~current_umask())
     os.close(fd)
 
     def fsync(target) -> None:  # a file's or a directory's contents to the disk
@@ -182,6 +183,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync(path.parent)
+
+
+def current_umask() -> int:
+    umask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    return umask
 
 
 # %% [markdown] slideshow={"slide_type": "slide"}
@@ -345,10 +352,11 @@ BAD_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombErr
 
 
 def open_image(path: Path) -> Image.Image:
-    """Image.open, which reads only the header; more than MAX_IMAGE_PIXELS is an error, not a warning."""
+    """Image.open, which reads only the header; more than MAX_IMAGE_PIXELS is an error, not a warning.
+    A member of a shard (appendix) is not a path: its bytes are read from the shard."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        return Image.open(path)
+        return Image.open(path if isinstance(path, (str, os.PathLike)) else io.BytesIO(path.read_bytes()))
 
 
 def load_rgb(path: Path, image_size: int) -> Image.Image:
@@ -484,17 +492,37 @@ class BirdImages(Dataset):
 # `train/`, with augmentation for the training split only when asked for.
 
 # %% jupyter={"source_hidden": true}
+SHARD_INDEX = "index.json"  # what makes a directory a dataset in shards (appendix: `pack`)
+
+
+def is_shard_dir(root: Path) -> bool:
+    return (Path(root).expanduser() / SHARD_INDEX).is_file()
+
+
 def load_splits(root: Path, image_size: int = 224, augment: bool = False,
                 normalize: bool = True, splits=("train", "valid"),
                 gpu_decode: bool = False, skip_bad: bool = False) -> dict[str, BirdImages]:
-    """The named splits, all labelled by the training split's classes."""
-    classes = find_classes(check_dataset_root(root))
+    """The named splits, all labelled by the training split's classes; from folders, or from shards."""
+    if is_shard_dir(root):
+        kind, classes = ShardedImages, read_shard_index(root)["classes"]
+    else:
+        kind, classes = BirdImages, find_classes(check_dataset_root(root))
     decode = DecodeOnDevice(image_size, normalize) if gpu_decode else None
     return {
-        split: BirdImages(root, split, classes, image_size,
-                          build_transform(image_size, augment and split == "train", normalize), decode, skip_bad)
+        split: kind(root, split, classes, image_size,
+                    build_transform(image_size, augment and split == "train", normalize), decode, skip_bad)
         for split in splits
     }
+
+
+def available_splits(root: Path) -> tuple[str, ...]:
+    """train and valid, and test when the dataset has a test split with images (it is optional)."""
+    if is_shard_dir(root):
+        has_test = read_shard_index(root)["splits"].get("test", {}).get("samples", 0) > 0
+    else:
+        test = Path(root).expanduser() / "test"
+        has_test = test.is_dir() and any(image_files(folder) for folder in class_folders(test))
+    return ("train", "valid", "test") if has_test else ("train", "valid")
 
 
 # %% slideshow={"slide_type": "fragment"} tags=["active-ipynb"]
@@ -684,6 +712,36 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, *, shuffle: boo
 # A second task on the same node reuses the copy, and a stale copy is staged again.
 # Because the staging directory is shared with other jobs, `stage` never deletes what it
 # did not make; its rules and code are in the appendix.
+#
+# ### A few large files instead of many small ones: shards (optional)
+#
+# Copying 90 000 files still costs 90 000 lookups on the shared filesystem, in every job.
+# `pack` writes each split once as a few large tar files, *shards* (the WebDataset layout:
+# `<key>.jpg` and `<key>.cls` per image, and an `index.json` with the classes and counts).
+# A shard directory is a dataset like any other: `stage` copies it, and every script
+# trains from it with `--data`, with the same labels, the same validation counts, and
+# exact resume (appendix).
+
+# %% tags=["active-ipynb"]
+# shards_dir = f"{data_dir}-shards"
+# if not Path(shards_dir).exists():
+#     !{sys.executable} ../scripts/data.py pack "{data_dir}" "{shards_dir}" --shard-size 1MB
+# index = json.loads((Path(shards_dir) / "index.json").read_text())
+# for split, entry in index["splits"].items():
+#     print(f"{split:5s}: {entry['samples']:5d} images in {len(entry['shards'])} shard(s):",
+#           ", ".join(shard["name"] for shard in entry["shards"][:3]), "...")
+
+# %% [markdown]
+# Look at: a handful of files per split instead of one per image, and the same image
+# counts as `verify` printed at the start. What it buys, measured on the course's test
+# machine with `python scripts/data.py measure-io --files 20000` (seconds, medians of 3,
+# cold page cache; one local disk, so no metadata server: on Lustre or GPFS the gap is
+# larger; `docs/performance.md` has the whole table, the method and the citations):
+#
+# | layout | stage | open and read one epoch's bytes |
+# |---|---|---|
+# | 20,000 files | 32.3 | 5.5 |
+# | 1 shard of the same images | 0.10 | 1.7 |
 #
 # ## Exercises
 #
@@ -883,13 +941,18 @@ def verify_dataset(root: Path, open_images: bool = True) -> tuple[dict, list[str
             counts[split][key] += len(files)
             if not files:
                 problems.append(f"{split}/{folder.name}/ holds no images")
-            for path in files if open_images else []:
-                try:
-                    with open_image(path) as image:
-                        image.load()
-                except BAD_IMAGE_ERRORS as error:
-                    problems.append(f"unreadable image {path}: {error}")
+            problems += [problem for path in (files if open_images else []) if (problem := image_problem(path))]
     return counts, problems
+
+
+def image_problem(path: Path) -> str | None:
+    """Why an image cannot be read, or None."""
+    try:
+        with open_image(path) as image:
+            image.load()
+    except BAD_IMAGE_ERRORS as error:
+        return f"unreadable image {path}: {error}"
+    return None
 
 
 # %% [markdown]
@@ -951,12 +1014,12 @@ DAMAGED_ARCHIVE_ERRORS = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.e
 
 
 @contextmanager
-def damaged_archive_errors(archive: Path):
+def damaged_archive_errors(archive: Path, fix: str = "download it again"):
     """Turn the errors of a truncated or corrupt archive into one line."""
     try:
         yield
     except DAMAGED_ARCHIVE_ERRORS as error:
-        raise DataError(f"{archive} is damaged ({type(error).__name__}: {error}): download it again") from None
+        raise DataError(f"{archive} is damaged ({type(error).__name__}: {error}): {fix}") from None
 
 
 def archive_members(archive: Path) -> list[Member]:
@@ -1058,12 +1121,13 @@ def check_free_space(directory: Path, needed: int, what: str, fix: str) -> None:
 
 
 def find_dataset_root(directory: Path) -> Path:
-    """The folder holding train/: the archive may wrap everything in one more folder."""
+    """The folder holding train/ (or shards): the archive may wrap everything in one more folder."""
     candidates = [directory] + sorted(p.parent for p in directory.glob("*/train") if p.is_dir())
+    candidates += sorted(p.parent for p in directory.glob(f"*/{SHARD_INDEX}"))
     for candidate in candidates:
-        if (candidate / "train").is_dir():
+        if (candidate / "train").is_dir() or is_shard_dir(candidate):
             return candidate
-    raise DataError(f"no train/ folder found in {directory} after extraction")
+    raise DataError(f"no train/ folder or {SHARD_INDEX} of shards found in {directory} after extraction")
 
 
 def download_dataset(target: Path, url: str = KAGGLE_DATASET_URL, timeout: float = 30) -> Path:
@@ -1218,7 +1282,7 @@ def stage_dataset(source: Path, destination: Path | None = None) -> Path:
     if source.is_relative_to(staged) or staged.is_relative_to(source):
         raise DataError(f"staging {source} to {staged} would copy it onto or into itself: "
                         "stage to another directory with --to DIR")
-    entries = list_source(check_dataset_root(source) if source.is_dir() else source)
+    entries = list_source(check_stage_source(source) if source.is_dir() else source)
     identity, needed = source_identity(source, entries), None
     try:
         destination.mkdir(parents=True, exist_ok=True)
@@ -1255,10 +1319,27 @@ def discard_stale_copy(staged: Path) -> None:
 
 def fill_atomically(staged: Path, identity: dict, fill: Callable[[Path], None]) -> None:
     """fill() a hidden temporary folder, mark it, rename it to staged; on any failure remove only that folder."""
-    with partial_folder(staged.parent, staged.name) as partial:
+    def fill_and_mark(partial: Path) -> None:
         fill(partial)
         (partial / ".staged").write_text(json.dumps(identity) + "\n")
-        os.replace(partial, staged)  # all or nothing: a half copy is never used
+
+    fill_new_folder(staged, fill_and_mark)
+
+
+def fill_new_folder(target: Path, fill: Callable[[Path], None]) -> None:
+    """fill() a hidden temporary folder next to target, then rename it to target (absent or empty): all or
+    nothing, a half copy is never used; on any failure only that temporary folder is removed."""
+    with partial_folder(target.parent, target.name) as partial:
+        fill(partial)
+        os.replace(partial, target)
+
+
+def check_stage_source(source: Path) -> Path:
+    """A dataset directory stage may copy: the Kaggle layout, or shards (their index must be readable)."""
+    if is_shard_dir(source):
+        read_shard_index(source)
+        return source
+    return check_dataset_root(source)
 
 
 def copy_entries(source: Path, entries: list[Entry], target: Path) -> None:
@@ -1284,6 +1365,423 @@ def staging_error(error: OSError, destination: Path, needed: int | None) -> Data
     if path.is_relative_to(destination) or destination.is_relative_to(path):
         return DataError(f"cannot write to {path} ({error.strerror}): stage to a writable directory with --to DIR")
     return DataError(f"cannot read {path} ({error.strerror}): check that you may read the whole dataset")
+
+
+# %% [markdown]
+# ## Appendix: the dataset in a few large files (`pack`, shards)
+#
+# A parallel filesystem serves a few large files far better than ~90 000 small ones: each
+# small file costs its metadata server a lookup and an open, for every job and every
+# epoch. `pack` writes each split as a few large tar files, *shards*, in the WebDataset
+# layout: each image is a member `<key>.jpg` (or `.png`), followed by `<key>.cls`, its
+# label as a decimal number. A small `index.json` holds the class names (label = position),
+# each split's shards with their sizes and image counts, the images per class, and what was
+# left out:
+#
+# ```
+# birds-shards/
+#   index.json            format, classes, splits: shards (name, samples, bytes), per_class; skipped
+#   train-00000.tar ...   00000000.jpg 00000000.cls 00000001.jpg 00000001.cls ...
+#   valid-00000.tar
+#   test-00000.tar
+# ```
+#
+# * **Deterministic**: the images are shuffled with `--seed` before they are cut into
+#   shards (the Kaggle layout is sorted by class, and a shard of one class would make
+#   poor batches); keys are their positions; every tar header has the same owner, mode and
+#   time; so the same input gives the same bytes.
+# * **Safe**: a link out of the dataset, or a class or file name with control characters
+#   or invalid UTF-8, is refused; everything that is not an image of a class folder of a
+#   split (`birds.csv`, notes, hidden files) is left out and listed. Reading refuses a shard
+#   whose size differs from the index's (truncated), a member that is not a plain file
+#   `<key>.<jpg|png|cls>` (`../`, links, folders), and a shard whose images and labels do
+#   not pair up: each one line naming the shard.
+# * **Written with the standard library's `tarfile`**, not `webdataset`: the format is
+#   plain tar (`tar tf` lists it; the layout is the one WebDataset's readers expect, not
+#   tested here since `webdataset` is not installed). `webdataset`'s pipeline streams
+#   shards in order; its indexed reader `wids` gives random access, with a JSON list of
+#   the shards much like `index.json`, and caches shards it downloads. What the course
+#   needs, deterministic tars, each member read by its offset and every member checked,
+#   is a few dozen lines of `tarfile`: one dependency and one pin in `requirements.txt`
+#   and `environment.yml` less.
+#
+# **How training reads them.** `ShardedImages` scans each shard's tar headers once
+# (a 512-byte header per member, no image is read) and keeps every image's offset and
+# size; an item is then one `os.pread` from a shard opened once per process. So it is the
+# same map-style dataset as `BirdImages`, and everything built on it stays as it is: the
+# `DataLoader`'s workers, `--augment`'s seeds, `--skip-bad-images`, `--gpu-decode`, the
+# cached features, and the validation sampler that gives every image to exactly one rank.
+# What changes is the **training order**: instead of a random permutation of all images
+# (a random read anywhere in the dataset for every image), `shuffled_order` takes the
+# shards in a random order and each shard's images in a random order, both drawn from the
+# seed and the epoch. Each rank takes every `world_size`-th image of that order, as
+# `DistributedSampler` does, so a global batch comes from one or two shards, and
+# the reads of every rank and worker stay within the same large file at a time.
+#
+# Why not an `IterableDataset` that gives whole shards to ranks and workers (WebDataset's
+# way): then a rank's images, and so its batches, depend on the number of ranks and of
+# loader workers, the ranks' shares differ by up to a shard (DDP needs the same number of
+# steps on every rank), and a mid-epoch resume must replay each worker's stream. With the
+# order above, as with folders, DDP equals one process with the global batch, the order
+# does not depend on `--workers`, every validation image counts once for any world size,
+# and a mid-epoch resume is exact (the sampler skips the steps done). A checkpoint records
+# which order it was written with (`data_order`: `files`, or the shards' index digest), so
+# a mid-epoch resume on other data (folders instead of shards, or another pack) is refused
+# in one line; at an epoch's end it may change.
+
+# %%
+SHARD_FORMAT = "birds-shards/1"
+DEFAULT_SHARD_SIZE = "256MB"
+PACK_AGAIN = "pack the dataset again with `python scripts/data.py pack SRC DEST`"
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+MEMBER = re.compile(r"([0-9A-Za-z_-]+)\.(jpg|png|cls)")  # <key>.<ext>, no folder
+
+
+def parse_size(text: str) -> int:
+    """'256MB', '1GiB', '500000' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = SIZE_UNITS.get(match.group(2).upper()) if match else None
+    if not unit or float(match.group(1)) * unit < 1:
+        raise UserError(f"--shard-size {text!r} is not a size: give e.g. 256MB, 1GB or 500000 (bytes)")
+    return int(float(match.group(1)) * unit)
+
+
+def tar_bytes(size: int) -> int:
+    """A tar member's bytes: a 512-byte header and its data in whole 512-byte blocks."""
+    return 512 + -(-size // 512) * 512
+
+
+def tar_file_bytes(members: int) -> int:
+    """A tar file's size: its members, two zero blocks at the end, padded to whole 10240-byte records."""
+    return -(-(members + 1024) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
+def pack_dataset(source: Path, destination: Path, shard_size: int, seed: int = 0) -> dict:
+    """Write every split of source as shards into destination (new or empty); return the index."""
+    source = check_dataset_root(Path(source).expanduser().resolve())
+    destination = Path(destination).expanduser().absolute()
+    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+        raise UserError(f"{destination} exists and is not empty: choose a new directory or delete it")
+    if destination.is_relative_to(source):
+        raise UserError(f"{destination} is inside the dataset {source}: pack to a directory outside it")
+    classes = find_classes(source)
+    splits = {split: samples_to_pack(source, split, classes, seed) for split in SPLITS if (source / split).is_dir()}
+    needed = sum(space_needed([tar_bytes(p.stat().st_size) + 1024]) for samples in splits.values() for p, _ in samples)
+    check_free_space(destination.parent, needed, f"the shards of {source}", "free space there or pack elsewhere")
+    index = {"format": SHARD_FORMAT, "classes": classes, "seed": seed, "shard_size": shard_size,
+             "splits": {}, "skipped": skipped_entries(source)}
+
+    def fill(folder: Path) -> None:
+        os.chmod(folder, 0o777 & ~current_umask())  # mkdtemp's folder is private; colleagues may read shards
+        for split, samples in splits.items():
+            index["splits"][split] = write_split(folder, split, samples, len(classes), shard_size)
+        (folder / SHARD_INDEX).write_text(json.dumps(index, indent=1) + "\n")
+
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fill_new_folder(destination, fill)
+    return index
+
+
+def samples_to_pack(root: Path, split: str, classes: list[str], seed: int) -> list[tuple[Path, int]]:
+    """A split's (image, label) pairs, checked, in a random order drawn from the seed."""
+    samples = list_samples(root, split, classes)
+    for path, _ in samples:
+        check_packable(root, path)
+    random.Random(f"pack {seed} {split}").shuffle(samples)
+    return samples
+
+
+def check_packable(root: Path, path: Path) -> None:
+    """Refuse a link out of the dataset, and a name that is not printable UTF-8 (it would reach the index and logs)."""
+    for item in (path.parent, path):
+        if item.is_symlink():
+            link_inside(root, item)
+    relative = str(path.relative_to(root))
+    if any(ord(c) < 32 or 0xDC80 <= ord(c) <= 0xDCFF for c in relative):  # control characters; undecodable bytes
+        raise DataError(f"refusing to pack {relative!r}: its name holds control characters or bytes that are not "
+                        "UTF-8; rename it")
+
+
+def skipped_entries(root: Path) -> list[str]:
+    """What pack leaves out: everything but the images in the class folders of the splits."""
+    skipped = [p.name for p in sorted(root.iterdir()) if p.name not in SPLITS or not p.is_dir()]
+    for split in (s for s in SPLITS if (root / s).is_dir()):
+        folders = class_folders(root / split)
+        skipped += [f"{split}/{p.name}" for p in sorted((root / split).iterdir()) if p not in folders]
+        for folder in folders:
+            images = set(image_files(folder))
+            skipped += [f"{split}/{folder.name}/{p.name}" for p in sorted(folder.iterdir()) if p not in images]
+    return skipped
+
+
+def write_split(folder: Path, split: str, samples: list[tuple[Path, int]], num_classes: int, shard_size: int) -> dict:
+    """The shards of one split, each up to shard_size bytes (at least one image); the split's entry of the index."""
+    shards, per_class, current, size = [], [0] * num_classes, [], 0
+    for key, (path, label) in enumerate(samples):
+        member = tar_bytes(path.stat().st_size) + tar_bytes(len(str(label)))
+        if current and tar_file_bytes(size + member) > shard_size:
+            shards.append(write_shard(folder / f"{split}-{len(shards):05d}.tar", current))
+            current, size = [], 0
+        current.append((f"{key:08d}", path, label))
+        size += member
+        per_class[label] += 1
+    shards.append(write_shard(folder / f"{split}-{len(shards):05d}.tar", current))
+    return {"samples": len(samples), "per_class": per_class, "shards": shards}
+
+
+def write_shard(path: Path, samples: list[tuple[str, Path, int]]) -> dict:
+    """One tar file: <key>.jpg (or .png) and <key>.cls per image; every header with owner 0, mode 644, time 0."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, image, label in samples:
+            suffix = "png" if image.suffix.lower() == ".png" else "jpg"
+            for name, content in ((f"{key}.{suffix}", image.read_bytes()), (f"{key}.cls", str(label).encode())):
+                info = tarfile.TarInfo(name)  # owner, group, mode and time have fixed defaults
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+    return {"name": path.name, "samples": len(samples), "bytes": path.stat().st_size}
+
+
+# %% [markdown]
+# Reading: the index, then each shard's headers, checked against it.
+
+# %%
+def read_shard_index(root: Path) -> dict:
+    path = Path(root).expanduser() / SHARD_INDEX
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot read {path} ({error}): {PACK_AGAIN}") from None
+    if not isinstance(index, dict) or index.get("format") != SHARD_FORMAT:
+        raise DataError(f"{path} is not an index of this course's shards (format {SHARD_FORMAT}): {PACK_AGAIN}")
+    return index
+
+
+class ShardMember(NamedTuple):
+    """An image inside a shard: where its bytes are. It prints as shard:member, so errors name it."""
+    shard: str
+    name: str
+    offset: int
+    size: int
+
+    def __str__(self) -> str:
+        return f"{self.shard}:{self.name}"
+
+    def read_bytes(self) -> bytes:
+        content = os.pread(open_shard(self.shard), self.size, self.offset)
+        if len(content) != self.size:
+            raise DataError(f"shard {self.shard} was truncated while it was read ({self.name}): stage it again")
+        return content
+
+
+OPEN_SHARDS: dict[str, int] = {}  # shard -> file descriptor: each process opens a shard once, not once per image
+
+
+def open_shard(path: str) -> int:
+    if path not in OPEN_SHARDS:  # pread has no file position: a descriptor inherited by a worker is safe to share
+        OPEN_SHARDS[path] = os.open(path, os.O_RDONLY)
+    return OPEN_SHARDS[path]
+
+
+def shard_samples(root: Path, index: dict, split: str) -> list[tuple[ShardMember, int]]:
+    """(member, label) pairs of one split, shard by shard in the index's order."""
+    entry = index["splits"].get(split) or {"shards": [], "samples": 0}
+    if not entry["samples"]:
+        raise DataError(f"the shards in {root} hold no {split} split: {PACK_AGAIN} from a dataset with {split}/")
+    samples = []
+    for shard in entry["shards"]:
+        if Path(shard["name"]).name != shard["name"] or shard["name"].startswith("."):
+            raise DataError(f"refusing to read {root / SHARD_INDEX}: shard name {shard['name']!r} is not a file name "
+                            f"in {root}: {PACK_AGAIN}")
+        samples += scan_shard(root / shard["name"], shard, len(index["classes"]))
+    return samples
+
+
+def scan_shard(path: Path, expected: dict, num_classes: int) -> list[tuple[ShardMember, int]]:
+    """The images and labels of one shard, in its order; anything but what pack writes is refused."""
+    if not path.is_file():
+        raise DataError(f"shard {path} is missing: stage the whole shard directory again, or {PACK_AGAIN}")
+    if path.stat().st_size != expected["bytes"]:
+        raise DataError(f"shard {path} is truncated or changed ({path.stat().st_size} bytes, the index says "
+                        f"{expected['bytes']}): copy or stage it again, or {PACK_AGAIN}")
+    images, labels = {}, {}
+    with damaged_archive_errors(path, f"copy or stage it again, or {PACK_AGAIN}"), tarfile.open(path, "r:") as tar:
+        for member in tar:
+            match = MEMBER.fullmatch(member.name)
+            reason = unsafe_member(member.name, not member.isfile()) or (
+                None if match else "is not <key>.jpg, <key>.png or <key>.cls")
+            key = match and match.group(1)
+            found = labels if match and match.group(2) == "cls" else images
+            reason = reason or (f"repeats key {key}" if key in found else None)
+            if reason:
+                raise DataError(f"refusing to read shard {path}: member '{member.name}' {reason}: {PACK_AGAIN}")
+            found[key] = (read_label(tar, member, num_classes, path) if found is labels else
+                          ShardMember(str(path), member.name, member.offset_data, member.size))
+    if images.keys() != labels.keys() or len(images) != expected["samples"]:
+        raise DataError(f"shard {path} holds {len(images)} images and {len(labels)} labels that pair up as "
+                        f"{len(images.keys() & labels.keys())}, the index says {expected['samples']}: {PACK_AGAIN}")
+    return [(member, labels[key]) for key, member in images.items()]
+
+
+def read_label(tar: tarfile.TarFile, member: tarfile.TarInfo, num_classes: int, path: Path) -> int:
+    text = tar.extractfile(member).read(32).decode("ascii", "replace").strip()
+    if not text.isdigit() or int(text) >= num_classes:
+        raise DataError(f"refusing to read shard {path}: member '{member.name}' holds {text!r}, not a label from 0 "
+                        f"to {num_classes - 1}: {PACK_AGAIN}")
+    return int(text)
+
+
+# %%
+class ShardedImages(BirdImages):
+    """One split read from shards: the items of BirdImages, each image's bytes read from its shard."""
+
+    def __init__(self, root: Path, split: str, classes: list[str] | None = None, image_size: int = 224,
+                 transform: Callable | None = None, decode_on_device: DecodeOnDevice | None = None,
+                 skip_bad: bool = False):
+        index = read_shard_index(root)
+        self.root, self.classes = Path(root).expanduser(), index["classes"]
+        self.samples = shard_samples(self.root, index, split)  # [(ShardMember, label), ...]
+        self.image_size, self.transform = image_size, transform or build_transform(image_size)
+        self.decode_on_device = decode_on_device
+        self.skipped, self.collate_fn = skipping_options(decode_on_device, skip_bad)
+        counts = [shard["samples"] for shard in index["splits"][split]["shards"]]
+        ends = list(itertools.accumulate(counts))
+        self.shard_ranges = [range(end - count, end) for count, end in zip(counts, ends)]
+        digest = hashlib.sha256((self.root / SHARD_INDEX).read_bytes()).hexdigest()[:16]
+        self.order_name = f"shards {digest}"  # what a checkpoint records: resume mid-epoch only on these shards
+
+    def shuffled_order(self, seed: int, epoch: int) -> list[int]:
+        """The epoch's order: the shards in a random order, each shard's images in a random order."""
+        rng = random.Random(f"shards {seed} {epoch}")
+        order = []
+        for shard in rng.sample(self.shard_ranges, len(self.shard_ranges)):
+            order += rng.sample(shard, len(shard))
+        return order
+
+
+def rank_indices(sampler: DistributedSampler):
+    """A DistributedSampler's indices of its rank. A dataset with a shuffled order of its own (shards) gives the
+    epoch's order instead of a permutation of all, and the rank takes its share as DistributedSampler does:
+    the order padded with its first indices to a multiple of the ranks, then every num_replicas-th."""
+    shuffled_order = getattr(sampler.dataset, "shuffled_order", None)
+    if not (sampler.shuffle and shuffled_order):
+        return DistributedSampler.__iter__(sampler)
+    order = shuffled_order(sampler.seed, sampler.epoch)
+    order += order[:sampler.total_size - len(order)]
+    return iter(order[sampler.rank:sampler.total_size:sampler.num_replicas])
+
+
+def verify_shards(root: Path, open_images: bool = True) -> tuple[dict, list[str]]:
+    """verify for shards: every shard checked against the index (reading stops at the first bad one, naming it),
+    the images per split and class, and the images that cannot be read."""
+    index, root = read_shard_index(root), Path(root).expanduser()
+    counts, problems = {}, []
+    for split in index["splits"]:
+        samples = shard_samples(root, index, split)
+        counts[split] = Counter(index["classes"][label] for _, label in samples)
+        problems += [problem for member, _ in (samples if open_images else []) if (problem := image_problem(member))]
+    return counts, problems
+
+
+def data_order(dataset) -> str:
+    """Which order a training sampler gives this dataset: 'files' (a permutation of all), or shards by digest."""
+    return getattr(dataset, "order_name", "files")
+
+
+# %% [markdown]
+# ### Measured: staging and reading small files against shards (`measure-io`)
+#
+# `measure-io` makes a dataset of `--files` small JPEGs (copies of 200 synthetic 224-pixel
+# images, in 100 class folders), packs it, and for each layout times, `--repeats` times:
+# `stage` (the copy to "node-local" disk, here another folder of the same disk), opening
+# the staged split (listing the files, or scanning the shards' headers), and reading every
+# image's bytes once in the training order, first with a cold page cache (dropped through
+# `/proc/sys/vm/drop_caches`, which needs root; otherwise each file's cached pages are
+# dropped with `posix_fadvise`, which leaves the directory entries cached), then warm. It
+# reads in one process and decodes nothing: the figures are the filesystem's part of an
+# epoch. Everything is written under a new folder of `--to`, removed at the end.
+
+# %%
+def measure_io(files: int, to: Path, shard_size: int, repeats: int) -> dict:
+    """Seconds to stage, open and read one epoch of `files` images as files and as shards (see above)."""
+    work = Path(tempfile.mkdtemp(dir=Path(to).expanduser(), prefix="measure-io-"))
+    try:
+        source = work / "source" / "birds"
+        image_bytes = write_copies(source, files)
+        started = time.perf_counter()
+        pack_dataset(source, work / "source" / "birds-shards", shard_size)
+        result = {"files": files, "image_bytes": image_bytes, "pack_seconds": time.perf_counter() - started,
+                  "shards": len(read_shard_index(work / "source" / "birds-shards")["splits"]["train"]["shards"])}
+        for layout in ("birds", "birds-shards"):
+            runs = [timed_stage_and_epoch(work / "source" / layout, work / f"node-{r}") for r in range(repeats)]
+            result[layout] = {key: [run[key] for run in runs] for key in runs[0]}
+        return result
+    finally:
+        shutil.rmtree(work)
+
+
+def write_copies(root: Path, files: int, classes: int = 100, distinct: int = 200) -> int:
+    """A train/ split of `files` JPEGs, copies of `distinct` synthetic images; their bytes in all."""
+    images = []
+    for n in range(distinct):
+        buffer = io.BytesIO()
+        synthetic_image(n % classes, n, "train", 224, 0).save(buffer, format="JPEG", quality=90)
+        images.append(buffer.getvalue())
+    names = synthetic_class_names(classes)
+    for name in names:
+        (root / "train" / name).mkdir(parents=True)
+    for n in range(files):
+        (root / "train" / names[n % classes] / f"{n:06d}.jpg").write_bytes(images[n % distinct])
+    return sum(len(images[n % distinct]) for n in range(files))
+
+
+def timed_stage_and_epoch(source: Path, node: Path) -> dict:
+    how = drop_page_cache(source)
+    started = time.perf_counter()
+    staged = stage_dataset(source, node)
+    stage_seconds = time.perf_counter() - started
+    drop_page_cache(staged)
+    started = time.perf_counter()
+    split = load_splits(staged, splits=("train",), gpu_decode=True)["train"]  # items are the images' bytes
+    open_seconds = time.perf_counter() - started
+    cold, warm = epoch_read_seconds(split), epoch_read_seconds(split)
+    for descriptor in OPEN_SHARDS.values():
+        os.close(descriptor)
+    OPEN_SHARDS.clear()
+    shutil.rmtree(node)
+    return {"stage": stage_seconds, "open_cold": open_seconds, "read_cold": cold, "read_warm": warm,
+            "cold_cache": how}
+
+
+def epoch_read_seconds(split: BirdImages) -> float:
+    from resilience import ResumableSampler  # the training order: a permutation of all files, shard by shard for shards
+    started = time.perf_counter()
+    for index in ResumableSampler(split, 1, 0, shuffle=True, seed=0):
+        split[index]
+    return time.perf_counter() - started
+
+
+def drop_page_cache(folder: Path) -> str:
+    """Empty the page cache (root), or at least drop the cached pages of every file under folder."""
+    os.sync()  # only clean pages can be dropped
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "drop_caches"
+    except OSError:
+        for path in (p for p in Path(folder).rglob("*") if p.is_file()):
+            descriptor = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(descriptor)
+        return "fadvise"
+
+
+def print_io_report(result: dict) -> None:
+    print(f"{result['files']} files of {result['image_bytes'] / result['files'] / 1e3:.1f} kB on average "
+          f"({result['image_bytes'] / 1e6:.0f} MB) against {result['shards']} shard(s); pack took "
+          f"{result['pack_seconds']:.1f} s; cold cache by {result['birds']['cold_cache'][0]}")
+    print(f"{'layout':8s} {'stage s':>22s} {'open s (cold)':>22s} {'read s (cold)':>22s} {'read s (warm)':>22s}")
+    for layout, name in (("birds", "files"), ("birds-shards", "shards")):
+        figures = [result[layout][key] for key in ("stage", "open_cold", "read_cold", "read_warm")]
+        print(f"{name:8s} " + " ".join(f"{statistics.median(f):8.2f} ({min(f):5.2f}-{max(f):5.2f})" for f in figures))
 
 
 # %% [markdown]
@@ -1344,6 +1842,8 @@ class DecodeOnDevice:
 # python scripts/data.py download data/birds              # the real data (Kaggle credentials; a login node)
 # python scripts/data.py verify data/birds                # count and check every image
 # python scripts/data.py stage data/birds                 # copy to node-local disk in a job
+# python scripts/data.py pack data/birds data/birds-shards # the same as a few large tar shards
+# python scripts/data.py measure-io --files 20000          # time stage and reads: files against shards
 # ```
 
 # %%
@@ -1362,11 +1862,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", type=Path)
     p.add_argument("--url", default=KAGGLE_DATASET_URL, help="archive URL (file:// works for a local copy)")
     p = sub.add_parser("verify", help="count images per split and class; exit 1 on any problem")
-    p.add_argument("directory", type=Path)
+    p.add_argument("directory", type=Path, help="dataset directory (folders or shards)")
     p.add_argument("--quick", action="store_true", help="count only; do not open every image")
     p = sub.add_parser("stage", help="copy or extract the dataset to node-local disk; print its path")
-    p.add_argument("source", type=Path, help="dataset directory or archive")
+    p.add_argument("source", type=Path, help="dataset directory (folders or shards) or archive")
     p.add_argument("--to", type=Path, default=None, help="destination (default $TMPDIR, else /tmp)")
+    p = sub.add_parser("pack", help="write the dataset as a few large tar shards per split (WebDataset layout)")
+    p.add_argument("source", type=Path, help="dataset directory in the Kaggle layout")
+    p.add_argument("destination", type=Path, help="new (or empty) directory for the shards and index.json")
+    p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE,
+                   help=f"largest shard, e.g. 256MB or 1GiB (default {DEFAULT_SHARD_SIZE})")
+    p.add_argument("--seed", type=int, default=0, help="the order of the images in the shards (default 0)")
+    p = sub.add_parser("measure-io", help="time stage and one epoch's reads: small files against shards")
+    p.add_argument("--files", type=int, default=20000, help="images in the measured dataset (default 20000)")
+    p.add_argument("--to", type=Path, default=None,
+                   help="where to write it, removed after (default $TMPDIR, else /tmp)")
+    p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help=f"as for pack (default {DEFAULT_SHARD_SIZE})")
+    p.add_argument("--repeats", type=int, default=3, help="each figure: median, min and max of this many (default 3)")
     return parser
 
 
@@ -1383,7 +1895,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "download":
         print(f"downloaded the dataset to {download_dataset(args.directory, args.url)}")
     elif args.command == "verify":
-        counts, problems = verify_dataset(args.directory, open_images=not args.quick)
+        verify = verify_shards if is_shard_dir(args.directory) else verify_dataset
+        counts, problems = verify(args.directory, open_images=not args.quick)
         for split, per_class in counts.items():
             sizes = sorted(per_class.values()) or [0]
             print(f"{split:5s}: {sum(per_class.values()):6d} images in {len(per_class):4d} classes "
@@ -1397,7 +1910,28 @@ def main(argv: list[str] | None = None) -> int:
         staged = stage_dataset(args.source, args.to)
         print(f"staged on {os.uname().nodename} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
         print(staged)
+    elif args.command == "pack":
+        index = pack_dataset(args.source, args.destination, parse_size(args.shard_size), args.seed)
+        print_pack_report(index, args.destination)
+    elif args.command == "measure-io":
+        if args.files < 1 or args.repeats < 1:
+            raise UserError("--files and --repeats must be at least 1")
+        print_io_report(measure_io(args.files, args.to or default_stage_dir(), parse_size(args.shard_size),
+                                   args.repeats))
     return 0
+
+
+def print_pack_report(index: dict, destination: Path) -> None:
+    for split, entry in index["splits"].items():
+        megabytes = sum(shard["bytes"] for shard in entry["shards"]) / 1e6
+        print(f"{split:5s}: {entry['samples']:6d} images of {len(index['classes'])} classes in "
+              f"{len(entry['shards'])} shard(s), {megabytes:.1f} MB")
+    skipped = index["skipped"]
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        print(f"skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} that are not images of a split's "
+              f"class folders: {shown} (all listed in {SHARD_INDEX})")
+    print(f"packed to {destination}")
 
 
 # %% tags=["active-py"]

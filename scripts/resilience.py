@@ -69,7 +69,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from data import UserError, atomic_write
+from data import UserError, atomic_write, rank_indices
 from model import build_model
 
 # %% [markdown] slideshow={"slide_type": "slide"}
@@ -228,7 +228,7 @@ class ResumableSampler(DistributedSampler):
     seed_draws = False
 
     def __iter__(self):
-        indices = itertools.islice(super().__iter__(), self.skip, None)
+        indices = itertools.islice(rank_indices(self), self.skip, None)  # DistributedSampler's (shards: data.py)
         if not self.seed_draws:
             return indices
         return ((i, ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i) % 2**63) for i in indices)
@@ -708,18 +708,20 @@ def read_checkpoint_file(path: Path, required: tuple[str, ...]) -> dict:
 # honour, the model and its classes, what trains and the weights it started from, the
 # optimizer (its state has other entries) and the seed (the data order and every random
 # draw derive from it). Fixed within an epoch: what decides which images the rest of the
-# epoch holds; a run stopped at an epoch's end may change them. Any other option that
-# changes the result applies from the resumed step on, with a notice: so do `--lr`,
+# epoch holds, the data's order among them (`data_order`: folders, or which shards, see
+# the `data` lesson's appendix); a run stopped at an epoch's end may change them. Any
+# other option that changes the result applies from the resumed step on, with a notice: so do `--lr`,
 # `--lr-scaling` and `--warmup-epochs`, since the learning rate of a step is a function
 # of its epoch and step alone, and the resumed run follows the new schedule from there.
 
 # %%
 FIXED_ON_RESUME = ("arch", "num_classes", "classes_digest", "finetune", "weights", "frozen_weights_hash", "optimizer",
                    "seed")
-FIXED_WITHIN_AN_EPOCH = ("batch_size", "processes", "augment", "no_shuffle")
+FIXED_WITHIN_AN_EPOCH = ("batch_size", "processes", "augment", "no_shuffle", "data_order")
 RESUMABLE_CHANGES = ("epochs", "lr", "lr_scaling", "warmup_epochs", "weight_decay", "image_size", "max_steps",
                      "precision")
-SETTINGS_BEFORE = {"lr_scaling": "none", "warmup_epochs": 0.0}  # what checkpoints written before these settings had
+SETTINGS_BEFORE = {"lr_scaling": "none", "warmup_epochs": 0.0,  # what checkpoints written before these settings had
+                   "data_order": "files"}
 
 
 def run_settings(cfg, world_size: int, classes: list[str], frozen_weights_hash: str | None, precision: str) -> dict:
@@ -728,9 +730,10 @@ def run_settings(cfg, world_size: int, classes: list[str], frozen_weights_hash: 
             "finetune": cfg.finetune, "weights": "none" if cfg.weights == "none" else "pretrained",
             "frozen_weights_hash": frozen_weights_hash, "optimizer": cfg.optimizer, "seed": cfg.seed,
             "batch_size": cfg.batch_size, "processes": world_size, "augment": cfg.augment,
-            "no_shuffle": cfg.no_shuffle, "epochs": cfg.epochs, "lr": cfg.lr, "lr_scaling": cfg.lr_scaling,
-            "warmup_epochs": cfg.warmup_epochs, "weight_decay": cfg.weight_decay, "image_size": cfg.image_size,
-            "max_steps": cfg.max_steps, "precision": precision}
+            "no_shuffle": cfg.no_shuffle, "data_order": getattr(cfg, "data_order", "files"), "epochs": cfg.epochs,
+            "lr": cfg.lr, "lr_scaling": cfg.lr_scaling, "warmup_epochs": cfg.warmup_epochs,
+            "weight_decay": cfg.weight_decay, "image_size": cfg.image_size, "max_steps": cfg.max_steps,
+            "precision": precision}
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "partial", "best_val_acc", "best_epoch", "rng",

@@ -75,7 +75,7 @@ import torchvision
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (ShardSampler, UserError, available_cpus, class_folders, default_num_workers, image_files, load_splits,
+from data import (ShardSampler, UserError, available_cpus, available_splits, data_order, default_num_workers, load_splits,
                   make_loader, run_cli, set_compute_threads)
 from model import ARCHITECTURES, build_model, count_parameters
 from resilience import (STOP_CHECK_EVERY, ResumableSampler, Run, StopRequest, agree_to_stop, broadcast_from_rank0,
@@ -369,9 +369,9 @@ def prepare(cfg, rank: int, world_size: int, device: torch.device, log) -> Train
     cfg.threads = set_compute_threads(cfg.workers)  # the cores the loader's workers leave (lesson 1)
     out = Path(broadcast_from_rank0(str(cfg.out or default_run_dir(cfg.arch))))
     on_rank0(lambda: check_run_dir_is_free(out, cfg))  # at once, not after reading the data (lesson 4)
-    names = ("train", "valid", "test") if has_images(Path(cfg.data).expanduser() / "test") else ("train", "valid")
     splits = load_splits(cfg.data, cfg.image_size, augment=cfg.augment, skip_bad=cfg.skip_bad_images,
-                         gpu_decode=use_gpu_decode(cfg, device, log), splits=names)
+                         gpu_decode=use_gpu_decode(cfg, device, log), splits=available_splits(cfg.data))
+    cfg.data_order = data_order(splits["train"])  # folders or shards: a mid-epoch resume needs the same (lesson 4)
     check_sizes(cfg, world_size, len(splits["train"]), len(splits["valid"]))
     sampler, train_loader, val_loader = build_loaders(cfg, splits, rank, world_size)
     torch.manual_seed(cfg.seed)  # the same initial head on every rank
@@ -665,11 +665,6 @@ def lr_text(cfg, processes: int) -> str:
     if cfg.warmup_epochs:
         text += f" after {cfg.warmup_epochs:g} epoch(s) of warm-up"
     return text
-
-
-def has_images(split_dir: Path) -> bool:
-    """Whether a split folder exists and holds images (test/ is optional)."""
-    return split_dir.is_dir() and any(image_files(folder) for folder in class_folders(split_dir))
 
 
 def check_sizes(cfg, world_size: int, train_size: int, val_size: int) -> None:

@@ -195,6 +195,8 @@ SLOW = {
     "tests/test_train.py::test_a_stopped_run_has_no_test_score_until_it_finishes",
     "tests/test_hardware.py::test_the_header_line_says_how_many_compute_threads_the_allocation_gives",
     "tests/test_parallel.py::test_sweep_rows_become_separate_runs_and_gather_tables_them",
+    "tests/test_shards.py::test_resume_mid_epoch_from_shards_is_exact_and_on_other_data_refused",  # three runs
+    "tests/test_shards.py::test_ddp_on_shards_equals_one_process_with_the_global_batch",  # torchrun, 1 and 2 processes
 }
 SLOW_FIXTURES = {("test_parallel.py", "runs")}  # single, DataParallel and DDP with 1, 2 and 3 processes
 

@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -16,20 +17,31 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import speed
+import sweep
 import train
-from conftest import ROOT, tiny_train_args
+from conftest import ROOT, one_line_exit_2, tiny_train_args
 
 STEP_PHASES = ["copy to device", "forward", "backward", "optimizer step", "bookkeeping"]
 
 
-def test_nvtx_names_every_phase_of_every_step_in_order_on_a_cpu(tiny_data, tmp_path, monkeypatch):
-    ranges = []  # the stand-in NVTX: what was pushed, and where a range was popped
-    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: ranges.append(name))
-    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: ranges.append("pop"))
-    argv = [str(a) for a in tiny_train_args(tiny_data, tmp_path / "run", "--epochs", 1, "--max-steps", 2, "--nvtx")]
-    summary = train.fit(train.parse_args(argv))
-    assert summary["epoch"] == 1 and (tmp_path / "run" / "summary.json").is_file()
+@pytest.fixture(scope="module")
+def recorded_run(tiny_data, tmp_path_factory) -> tuple[Path, list[str]]:
+    """One CPU run with --nvtx (2 steps): its directory, and the NVTX ranges it pushed and
+    popped ("pop"), recorded by a stand-in for torch.cuda.nvtx."""
+    ranges, out = [], tmp_path_factory.mktemp("recorded") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda.nvtx, "range_push", lambda name: ranges.append(name))
+        patch.setattr(torch.cuda.nvtx, "range_pop", lambda: ranges.append("pop"))
+        argv = tiny_train_args(tiny_data, out, "--epochs", 1, "--max-steps", 2, "--nvtx")
+        train.fit(train.parse_args([str(a) for a in argv]))
+    return out, ranges
+
+
+def test_nvtx_names_every_phase_of_every_step_in_order_on_a_cpu(recorded_run):
+    out, ranges = recorded_run
+    assert (out / "summary.json").is_file()
     pushed = [r for r in ranges if r != "pop"]
     assert pushed == (["wait for data", *STEP_PHASES] * 2) + ["wait for data"]  # the 3rd batch ends the epoch
     assert ranges == [r for name in pushed for r in (name, "pop")]  # one open at a time, each closed
@@ -192,3 +204,83 @@ def test_the_site_file_names_the_nsys_switch_empty():
     assert re.search(r"^COURSE_NSYS=\$\{COURSE_NSYS-\}$", (ROOT / "slurm/site.sh").read_text(), re.M)
     assert sorted(p.name for p in NSYS_WRAPPERS.iterdir()) == ["python", "python3", "torchrun"]
     assert all(os.readlink(p) == "../run" for p in NSYS_WRAPPERS.iterdir())
+
+
+# --- the job-efficiency summary: sweep.py efficiency ----------------------------------------------
+
+# sacct -j 1234 -P -n -o JobID,State,Elapsed,TotalCPU,AllocCPUS,NNodes,ReqMem,MaxRSS, in sacct's formats (written
+# by hand: the local test cluster keeps no accounting). 8 cores for 12:35, 1:02:03 of CPU time: 61.6 %; the
+# largest step's MaxRSS 3456789K = 3375.8 MiB of 32G asked: 10.3 %.
+SACCT_LINES = """1234|COMPLETED|00:12:35|01:02:03|8|1|32G|
+1234.batch|COMPLETED|00:12:35|00:01.512|8|1||204800K
+1234.extern|COMPLETED|00:12:35|00:00:00|8|1||0
+1234.0|COMPLETED|00:12:30|01:02:01|8|1||3456789K
+"""
+
+
+def standin_sacct(directory: Path, lines: str = SACCT_LINES, status: int = 0, said: str = "") -> Path:
+    """A stand-in `sacct` in directory/bin: it records its arguments in directory/sacct.args and prints `lines`
+    for job 1234 (nothing for any other job, as sacct does), or `said` on stderr with exit `status`."""
+    bin_dir = directory / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    script = bin_dir / "sacct"
+    script.write_text(f"""#!/bin/bash
+echo "$*" >{directory / "sacct.args"}
+[[ -n {shlex.quote(said)} ]] && {{ echo {shlex.quote(said)} >&2; exit {status}; }}
+[[ $2 == 1234 ]] && printf '%s' {shlex.quote(lines)}
+exit 0
+""")
+    script.chmod(0o755)
+    return bin_dir
+
+
+def test_the_efficiency_of_a_recorded_cpu_run_comes_from_its_cost_and_says_what_is_not_measurable(
+        recorded_run, monkeypatch):
+    out, _ = recorded_run
+    monkeypatch.setenv("PATH", "/nonexistent")  # no sacct
+    found = sweep.efficiency(out)
+    cost = json.loads((out / "summary.json").read_text())["cost"]
+    assert found["cost"] == cost and found["job"] is None and found["gpu_csv_utilisation"] is None
+    assert cost["cpu_cores"] == data.available_cpus() and cost["cpu_seconds"] > 0
+    assert 0 < cost["cpu_utilisation"] <= 1 and cost["gpu_utilisation"] is None and cost["energy_joules"] is None
+    lines = sweep.efficiency_report(found).splitlines()
+    assert lines[0] == f"run {out} (job -)"
+    assert lines[2] == (f"  CPU utilisation    {cost['cpu_utilisation']:.0%} of {cost['cpu_cores']} cores "
+                        f"({sweep.duration(cost['cpu_seconds'])} of CPU time: the processes and their DataLoader workers)")
+    assert lines[4:] == ["  GPU utilisation    - (a CPU run)", "  energy             not measurable here",
+                         "Slurm's accounting: none (no job id: not run in a Slurm job; --job names one)"]
+    assert sweep.efficiency(out, "1234")["sacct"] == "no sacct command here"
+
+
+def test_the_efficiency_adds_slurms_accounting_as_seff_computes_it(recorded_run, tmp_path, monkeypatch):
+    out, _ = recorded_run
+    monkeypatch.setenv("PATH", f"{standin_sacct(tmp_path)}:{os.environ['PATH']}")
+    found = sweep.efficiency(out, "1234")
+    assert (tmp_path / "sacct.args").read_text().split() == [
+        "-j", "1234", "-P", "-n", "-o", "JobID,State,Elapsed,TotalCPU,AllocCPUS,NNodes,ReqMem,MaxRSS"]
+    assert found["sacct"] == pytest.approx({
+        "state": "COMPLETED", "elapsed_seconds": 755, "cores": 8, "nodes": 1, "total_cpu_seconds": 3723,
+        "cpu_efficiency": 3723 / (755 * 8), "memory_asked_mb": 32768, "max_rss_mb": 3456789 / 1024,
+        "memory_efficiency": 3456789 / 1024 / 32768})
+    assert sweep.efficiency_report(found).splitlines()[-3:] == [
+        "Slurm's accounting (sacct -j 1234): COMPLETED, 12.6 min on 1 node(s)",
+        "  CPU efficiency     62% of 8 cores (TotalCPU 62.0 min of 8 x 12.6 min)",
+        "  memory efficiency  10% (MaxRSS 3376 MB of 32768 MB asked)"]
+    assert sweep.efficiency(out, "999")["sacct"] == "sacct -j 999: no such job"
+
+
+def test_sacct_before_slurm_21_08_asks_memory_per_core_and_a_site_without_accounting_says_so(tmp_path, monkeypatch):
+    old = SACCT_LINES.replace("|32G|", "|4000Mc|").replace("01:02:03", "1-00:00:00")
+    monkeypatch.setenv("PATH", f"{standin_sacct(tmp_path, old)}:{os.environ['PATH']}")
+    usage = sweep.sacct_job("1234")
+    assert usage["memory_asked_mb"] == 8 * 4000 and usage["total_cpu_seconds"] == 24 * 3600
+    monkeypatch.setenv("PATH", f"{standin_sacct(tmp_path, said='Slurm accounting storage is disabled', status=1)}:"
+                               f"{os.environ['PATH']}")
+    assert sweep.sacct_job("1234") == "sacct -j 1234: Slurm accounting storage is disabled"  # as this cluster says
+
+
+def test_efficiency_of_a_run_without_a_summary_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    err = one_line_exit_2(sweep.main, ["efficiency", tmp_path / "run"], capsys)
+    assert err == (f"error: {tmp_path / 'run'} has no summary.json with a cost: efficiency reads a finished run (a "
+                   "stopped run's cost is in the summary line of its log)\n")

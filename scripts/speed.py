@@ -300,11 +300,12 @@ class FirstPassLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self):
+    def __iter__(self):  # a generator: the first pass starts at the first batch, not at iter() (tqdm calls it twice)
         if self.done:
-            return iter(self.loader)
+            yield from self.loader
+            return
         self.done = True
-        return self.first_pass()
+        yield from self.first_pass()
 
     def first_pass(self):
         raise NotImplementedError

@@ -177,7 +177,8 @@ def run_row(sweep_file: Path, index: int, runs_dir: Path, train_args: list[str])
 # well: the power draw and the images/s achieved say more. `device_h` and `energy_kj` are
 # what the run cost (`cost` in `summary.json`, lesson 3): device-hours, what your
 # allocation is charged, and the energy where a counter could be read in a run of one
-# job, else `-`.
+# job, else `-`. `sweep.py efficiency RUN_DIR` says what one run's job used of what it
+# asked for, like Slurm's `seff` (appendix).
 #
 # The helpers that read and plot the runs are collapsed below; `gather` puts them together.
 

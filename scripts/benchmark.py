@@ -22,10 +22,11 @@
 # - time a training step honestly: warm-up, synchronise, repeat, and read the spread;
 # - tell an input-bound run from a compute-bound one (the model-only **ceiling**);
 # - read the **ladder**: the original workshop's configuration, then one optimisation per row;
-# - compare scaling runs only when they did the same work.
+# - compare scaling runs only when they did the same work, and weigh speed-up against device-hours;
+# - read a profiler's timeline: a data-starved step, a synchronisation, communication overlapping backward.
 #
 # **Time:** about 30 minutes. Core: everything up to the exercises but the sections
-# marked optional (the profiler, scaling).
+# marked optional (the profiler, the timeline, scaling).
 #
 # For any configuration we measure three numbers, in images per second: **the input
 # pipeline alone** (the `DataLoader` and the copy to the device, no model); **the model
@@ -704,7 +705,73 @@ def report(command: str, cfg, rt, rows: list[dict], argv: list[str]) -> dict:
 # Read the `Self CPU` column: on a CPU, convolutions (`mkldnn_convolution` and their
 # backward) should dominate. If `aten::copy_`, `to` or data loading ranked high, the
 # step would spend its time moving data rather than computing.
+
+# %% [markdown]
+# ## Optional: reading a timeline (Nsight Systems)
 #
+# The profiler's table says which operations took the time; a **timeline** says *when*, and
+# what waited for what. NVIDIA's Nsight Systems (`nsys`) draws one per process: rows for the
+# CPU threads, carrying the NVTX ranges that `train.py --nvtx` names (`wait for data`,
+# `copy to device`, `forward`, `backward`, `optimizer step`, `bookkeeping`), and rows for
+# each GPU's kernels, copies and NCCL's communication. On the cluster,
+# `COURSE_NSYS=1 slurm/submit slurm/train.sbatch` records steps 3 to 5 into
+# `nsys/<host>-<pid>.nsys-rep` in the run directory (the same for `slurm/gpu_check.sbatch`);
+# open it in the Nsight Systems GUI on your laptop, or print tables with `nsys stats`.
+#
+# Without a GPU we draw the CPU's rows ourselves: a stand-in for NVTX notes when each range
+# opens and closes, during six steps of a real run on this machine.
+
+# %% tags=["active-ipynb"]
+# from unittest import mock
+# phases, opened = [], []  # (name, start, end) of every range; the ranges still open
+# def push(name):
+#     opened.append((name, time.perf_counter()))
+# def pop():
+#     name, start = opened.pop()
+#     phases.append((name, start, time.perf_counter()))
+# with mock.patch.object(torch.cuda.nvtx, "range_push", push), mock.patch.object(torch.cuda.nvtx, "range_pop", pop):
+#     train.fit(train.parse_args(["--data", data_dir, "--arch", arch, "--weights", "none", "--image-size",
+#                                 str(image_size), "--batch-size", str(batch_size), "--epochs", "1", "--max-steps", "6",
+#                                 "--workers", "0", "--nvtx", "--out", str(Path(out_dir) / "timeline"), "--overwrite"]))
+
+# %% tags=["active-ipynb"]
+# import matplotlib.pyplot as plt
+# names = ["wait for data", "copy to device", "forward", "backward", "optimizer step", "bookkeeping"]
+# fig, ax = plt.subplots(figsize=(10, 2.5))
+# for name, start, end in phases:
+#     row = names.index(name)
+#     ax.barh(row, (end - start) * 1000, left=(start - phases[0][1]) * 1000, color=f"C{row}")
+# ax.set_yticks(range(len(names)), names); ax.invert_yaxis(); ax.set_xlabel("ms from the first range")
+# plt.show()
+# for name in names:
+#     print(f"{name:15s} {sum(end - start for n, start, end in phases if n == name) * 1000:8.1f} ms")
+
+# %% [markdown]
+# Look at: each step begins with its `wait for data` (with `--workers 0` the training process
+# decodes the batch itself). Short next to `forward` and `backward`, as on a laptop with these
+# small images, the run is compute-bound; as long as they, it is data-starved. The first
+# `optimizer step` is the longest: the optimizer creates its state then.
+#
+# Three pictures to recognise on a GPU's timeline. They are **described here, not measured**:
+# no GPU ran this course's tests, so no real `nsys` report is shown.
+#
+# - **A data-starved step**: on the CPU row, a long `wait for data`; on the GPU rows under it,
+#   no kernels at all. The fix is in the input pipeline (lesson 1, `--workers`), not the model.
+# - **A synchronisation**: a CPU range that lasts until the GPU has finished everything queued
+#   before it, for instance `bookkeeping` on a step that prints the loss (`loss.item()` copies
+#   it to the CPU). The CUDA API row shows the copy or `cudaStreamSynchronize` waiting, and
+#   after it the GPU idles until the CPU has queued the next step's work. Once per log line
+#   is harmless; once per step would starve the GPU.
+# - **Communication overlapping backward** (DDP): NCCL's all-reduce kernels on a stream of
+#   their own start *during* `backward`, bucket by bucket, while the gradients of earlier
+#   layers are still computed. Without overlap, they would follow the last backward kernel
+#   and `optimizer step` would wait for them.
+#
+# An NVTX range marks CPU time, when the CPU *queued* the work; the GPU runs it later, on its
+# own rows. A `forward` range much shorter than the kernels under it means the CPU runs ahead,
+# which is what you want.
+
+# %% [markdown]
 # ## Optional: scaling to more devices
 #
 # `benchmark.py scaling` reads run directories of `train.py` on one device, of runs that
@@ -713,6 +780,14 @@ def report(command: str, cfg, rt, rows: list[dict], argv: list[str]) -> dict:
 # run) and parallel efficiency (speed-up per device; 1 is perfect). It compares only runs
 # that did the same work: same architecture, image size, batch per device, precision,
 # frozen or fine-tuned, and data. Anything else is a one-line error naming the difference.
+#
+# **What it costs.** The last columns say what your allocation is charged: device-hours per
+# million training images (devices / images per second), and that against one device,
+# `cost` = 1 / efficiency. The fastest configuration is rarely the cheapest: DDP on 4 GPUs at
+# 80 % efficiency finishes 3.2 times sooner, and every image costs 1.25 times the
+# device-hours. Worth it when waiting is what costs you; for a sweep of many runs, runs side
+# by side (efficiency 1, lesson 5) finish the whole sweep sooner on the same allocation.
+# The fourth plot shows speed-up against device-hours.
 #
 # The original workshop's minutes (two independent runs ~30, DataParallel ~20, DDP on 2×2
 # GPUs ~10) are **not** a scaling result: its batch files ran 4, 10 and 10 epochs, with
@@ -756,6 +831,26 @@ def report(command: str, cfg, rt, rows: list[dict], argv: list[str]) -> dict:
 #
 # ```python
 # second_is_faster = False  # the ranges overlap: measure longer, or on a quieter machine
+# ```
+# </details>
+#
+# **3.** (optional: scaling) Your DDP run on 4 GPUs reaches a speed-up of 3.2 over one GPU.
+# How many times the device-hours of the one-GPU run does it cost per image?
+
+# %% tags=["active-ipynb"]
+# cost_ratio = None  # your answer: a number
+
+# %% tags=["active-ipynb"]
+# if cost_ratio is not None and abs(cost_ratio - 4 / 3.2) < 0.01:
+#     print("Correct: 4 GPUs for 1/3.2 of the time: 4 / 3.2 = 1.25 times, 1 / efficiency (80 %).")
+# else:
+#     print("Not yet. Hint: device-hours = devices x hours; the run holds 4 devices for 1/3.2 of the time.")
+
+# %% [markdown]
+# <details><summary>Solution</summary>
+#
+# ```python
+# cost_ratio = 4 / 3.2  # devices / speed-up = 1 / parallel efficiency
 # ```
 # </details>
 
@@ -811,18 +906,25 @@ def scaling_points(single: Path, independent: list[Path], dp: list[Path], ddp: l
     for point in points:
         point["speedup"] = point["images_per_sec"] / points[0]["images_per_sec"]
         point["efficiency"] = point["speedup"] / point["devices"]
+        # What the allocation is charged for a million training images, and that against one device: 1 / efficiency.
+        point["device_hours_per_m"] = point["devices"] * 1e6 / point["images_per_sec"] / 3600
+        point["cost"] = point["device_hours_per_m"] / points[0]["device_hours_per_m"]
     return points
 
 
 def plot_scaling(points: list[dict], path: Path | None = None):
     plt = pyplot(path is not None)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
     colours = {"single": "black", "independent": "tab:green", "dp": "tab:orange", "ddp": "tab:blue"}
     for kind, colour in colours.items():
         mine = sorted((p for p in points if p["kind"] == kind), key=lambda p: p["devices"])
         for ax, key in zip(axes, ["images_per_sec", "speedup", "efficiency"]):
             if mine:
                 ax.plot([p["devices"] for p in mine], [p[key] for p in mine], marker="o", color=colour, label=kind)
+        for p in mine:  # speed-up against cost: the fastest point is not the cheapest
+            axes[3].scatter(p["device_hours_per_m"], p["speedup"], color=colour)
+            axes[3].annotate(f"{p['kind']} x{p['devices']}", (p["device_hours_per_m"], p["speedup"]), fontsize=7)
+    axes[3].set_xlabel("device-hours per million images"); axes[3].set_ylabel("speed-up"); axes[3].margins(x=0.3)
     top = max([4] + [p["devices"] for p in points])
     axes[1].plot([1, top], [1, top], linestyle=":", color="grey", label="ideal")
     axes[2].axhline(1, linestyle=":", color="grey")
@@ -841,9 +943,11 @@ def scaling_main(argv: list[str]) -> int:
     parser.add_argument("--plot", type=Path, default=None, help="write the three plots to this PNG")
     args = parser.parse_args(argv)
     points = scaling_points(args.single, args.independent, args.dp, args.ddp)
-    print(f"{'kind':12s} {'devices':>7s} {'images/s':>9s} {'speed-up':>8s} {'efficiency':>10s}")
+    print(f"{'kind':12s} {'devices':>7s} {'images/s':>9s} {'speed-up':>8s} {'efficiency':>10s} "
+          f"{'device-h/M img':>14s} {'cost':>6s}")
     for p in points:
-        print(f"{p['kind']:12s} {p['devices']:7d} {p['images_per_sec']:9.1f} {p['speedup']:8.2f} {p['efficiency']:10.0%}")
+        print(f"{p['kind']:12s} {p['devices']:7d} {p['images_per_sec']:9.1f} {p['speedup']:8.2f} {p['efficiency']:10.0%} "
+              f"{p['device_hours_per_m']:14.3g} {p['cost']:5.2f}x")
     if args.plot:
         plot_scaling(points, args.plot)
         print(f"plot written to {args.plot}")

@@ -288,24 +288,41 @@ def use_gpu_decode(cfg, device: torch.device, log=print) -> bool:
 # ## Appendix: the profiler's loader
 
 # %%
-class ProfiledLoader:
-    """The training loader, with torch.profiler recording steps 2 to 5 of its first pass."""
+PROFILED_STEPS = range(2, 5)  # the steps (from 0) of the first epoch that are recorded: after start-up and a warm-up
 
-    def __init__(self, loader, directory: Path, device: torch.device, rank: int, log=print):
-        self.loader, self.directory, self.device, self.rank, self.log = loader, Path(directory), device, rank, log
-        self.done = False
+
+class FirstPassLoader:
+    """The training loader, with something done around its first pass (`first_pass`); later passes are plain."""
+
+    def __init__(self, loader):
+        self.loader, self.done = loader, False
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self):
+    def __iter__(self):  # a generator: the first pass starts at the first batch, not at iter() (tqdm calls it twice)
         if self.done:
             yield from self.loader
             return
         self.done = True
+        yield from self.first_pass()
+
+    def first_pass(self):
+        raise NotImplementedError
+
+
+class ProfiledLoader(FirstPassLoader):
+    """The training loader, with torch.profiler recording the PROFILED_STEPS of its first pass."""
+
+    def __init__(self, loader, directory: Path, device: torch.device, rank: int, log=print):
+        super().__init__(loader)
+        self.directory, self.device, self.rank, self.log = Path(directory), device, rank, log
+
+    def first_pass(self):
         from torch.profiler import ProfilerActivity, profile, schedule
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+        with profile(activities=activities, schedule=schedule(wait=1, warmup=PROFILED_STEPS.start - 1,
+                                                                   active=len(PROFILED_STEPS), repeat=1),
                      on_trace_ready=self.save) as profiler:
             for batch in self.loader:
                 yield batch
@@ -319,3 +336,74 @@ class ProfiledLoader:
         (self.directory / f"top-ops-rank{self.rank}.txt").write_text(
             profiler.key_averages().table(sort_by=order, row_limit=15) + "\n")
         self.log(f"profiler trace written to {trace}: open it in https://ui.perfetto.dev")
+
+
+# %% [markdown]
+# ## Appendix: named phases for Nsight Systems (`--nvtx`)
+#
+# `torch.profiler` sees PyTorch's operations; NVIDIA's Nsight Systems (`nsys`) sees the whole
+# process: CPU threads, CUDA kernels and copies, NCCL, the DataLoader's waits. With `--nvtx`
+# the training loop names its phases with NVTX ranges (`torch.cuda.nvtx`), one after the
+# other: `wait for data`, `copy to device`, `forward`, `backward` (under DDP the gradients'
+# all-reduce runs during it, as NCCL kernels on a stream of their own), `optimizer step` and
+# `bookkeeping` (the running sums, a progress line, and every few steps the stop check, an
+# all-reduce under DDP). On CUDA it also calls `cudaProfilerStart` before the steps
+# `--profile` records and `cudaProfilerStop` after them, so that
+# `nsys profile --capture-range=cudaProfilerApi` keeps those few steps only (`slurm/env.sh`:
+# `COURSE_NSYS=1`). Without `nsys` watching, both cost next to nothing; without `--nvtx`,
+# a phase mark is a call to a function that returns at once.
+
+# %%
+def no_phase(name: str | None) -> None:
+    """A phase mark without --nvtx: nothing to do."""
+
+
+class NvtxPhases:
+    """One NVTX range per phase: a mark ends the open range and opens the next (None: ends the last)."""
+
+    def __init__(self, push=None, pop=None):
+        self.push = push or torch.cuda.nvtx.range_push
+        self.pop = pop or torch.cuda.nvtx.range_pop
+        self.open = False
+
+    def __call__(self, name: str | None) -> None:
+        if self.open:
+            self.pop()
+        self.open = name is not None
+        if self.open:
+            self.push(name)
+
+
+def nvtx_available() -> bool:
+    """Whether this PyTorch has NVTX: CUDA builds do, even on a machine without a GPU; CPU-only builds do not."""
+    return hasattr(torch._C, "_nvtx")
+
+
+def step_phases(cfg):
+    """What the training loop calls at each phase: NVTX ranges with --nvtx, else nothing."""
+    return NvtxPhases() if getattr(cfg, "nvtx", False) and nvtx_available() else no_phase
+
+
+class NsysWindow(FirstPassLoader):
+    """The training loader, with cudaProfilerStart before the PROFILED_STEPS of its first pass and cudaProfilerStop
+    after them: `nsys profile --capture-range=cudaProfilerApi` records those steps (CUDA only)."""
+
+    def __init__(self, loader, start=None, stop=None):
+        super().__init__(loader)
+        self.start = start or torch.cuda.profiler.start
+        self.stop = stop or torch.cuda.profiler.stop
+
+    def first_pass(self):
+        recording = False
+        try:
+            for step, batch in enumerate(self.loader):
+                if step == PROFILED_STEPS.start:
+                    self.start()
+                    recording = True
+                yield batch
+                if step == PROFILED_STEPS[-1]:
+                    self.stop()
+                    recording = False
+        finally:
+            if recording:  # the epoch (or the run) ended inside the window
+                self.stop()

@@ -69,7 +69,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
+import shutil
 import statistics
+import subprocess
 from pathlib import Path, PurePosixPath
 
 from data import UserError, atomic_write, run_cli
@@ -174,7 +177,8 @@ def run_row(sweep_file: Path, index: int, runs_dir: Path, train_args: list[str])
 # well: the power draw and the images/s achieved say more. `device_h` and `energy_kj` are
 # what the run cost (`cost` in `summary.json`, lesson 3): device-hours, what your
 # allocation is charged, and the energy where a counter could be read in a run of one
-# job, else `-`.
+# job, else `-`. `sweep.py efficiency RUN_DIR` says what one run's job used of what it
+# asked for, like Slurm's `seff` (appendix).
 #
 # The helpers that read and plot the runs are collapsed below; `gather` puts them together.
 
@@ -243,12 +247,9 @@ def plot_runs(summaries: list[dict], path: Path | None = None):
     return fig
 
 
-def plot_gpu_use(run: Path) -> Path:
-    """<run>/gpu.png from the gpu.csv that slurm/gpu_monitor.sh recorded: utilisation and memory per GPU."""
+def read_gpu_csv(run: Path) -> dict[str, list[tuple[float, float, float]]]:
+    """GPU index -> (time, utilisation %, memory MiB) of every sample in the gpu.csv of slurm/gpu_monitor.sh."""
     from datetime import datetime
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     samples: dict[str, list[tuple[float, float, float]]] = {}
     with open(run / "gpu.csv", newline="") as f:
         for row in csv.reader(f, skipinitialspace=True):
@@ -256,6 +257,15 @@ def plot_gpu_use(run: Path) -> Path:
                 continue
             when = datetime.strptime(row[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
             samples.setdefault(row[1], []).append((when, float(row[2].split()[0]), float(row[3].split()[0])))
+    return samples
+
+
+def plot_gpu_use(run: Path) -> Path:
+    """<run>/gpu.png from the gpu.csv that slurm/gpu_monitor.sh recorded: utilisation and memory per GPU."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    samples = read_gpu_csv(run)
     start = min((s[0][0] for s in samples.values()), default=0.0)
     fig, (util, memory) = plt.subplots(1, 2, figsize=(10, 3))
     for gpu, values in sorted(samples.items()):
@@ -340,11 +350,126 @@ def gather(paths: list[Path], plot: Path | None = None) -> list[dict]:
 
 
 # %% [markdown]
+# ## Appendix: what a job used (`sweep.py efficiency`)
+#
+# In the spirit of Slurm's `seff`: did the job use what it asked for? From the run directory
+# (`summary.json`'s `cost`, lesson 3): the wall time, the device-hours, how busy the CPU cores
+# were (`cpu_utilisation`: the CPU time of the processes and their DataLoader workers over
+# wall time x cores), the peak memory, and the GPUs' utilisation and energy where NVML could be
+# read; and the mean utilisation in `gpu.csv` where `slurm/gpu_monitor.sh` recorded one. Where
+# `sacct` exists and the site keeps accounting, also Slurm's view of the whole job (`--job`,
+# else the job id in `config.json`): CPU efficiency = `TotalCPU` / (`Elapsed` x `AllocCPUS`), as
+# `seff` computes it, and memory efficiency = the largest step's `MaxRSS` / the memory asked
+# (`ReqMem`). Low CPU efficiency with idle GPUs: more DataLoader workers; low with busy GPUs:
+# ask for fewer cores. Memory far below what was asked: ask for less, and the job starts sooner.
+#
+# ```bash
+# python scripts/sweep.py efficiency runs/1234-train          # the job id from config.json
+# python scripts/sweep.py efficiency runs/1234-train --job 1234
+# ```
+
+# %%
+SACCT_FIELDS = ("JobID", "State", "Elapsed", "TotalCPU", "AllocCPUS", "NNodes", "ReqMem", "MaxRSS")
+SIZE_UNITS = {"": 1 / 2**20, "K": 1 / 2**10, "M": 1.0, "G": 2**10, "T": 2**20}  # to MiB
+
+
+def slurm_seconds(text: str) -> float:
+    """[D-][HH:]MM:SS[.mmm] (Elapsed, TotalCPU) in seconds."""
+    days, _, clock = text.rpartition("-")
+    parts = [float(part) for part in clock.split(":")]
+    return int(days or 0) * 24 * 3600 + sum(value * 60**i for i, value in enumerate(reversed(parts)))
+
+
+def slurm_mib(text: str) -> float | None:
+    """A size of sacct (1234K, 3.50G, 4000M; no unit: bytes) in MiB; None when empty."""
+    match = re.fullmatch(r"([\d.]+)([KMGT]?)", text.strip())
+    return float(match.group(1)) * SIZE_UNITS[match.group(2)] if match else None
+
+
+def sacct_job(job: str) -> dict | str:
+    """Slurm's accounting of a job: its figures, or the one-line reason why there are none."""
+    if not shutil.which("sacct"):
+        return "no sacct command here"
+    done = subprocess.run(["sacct", "-j", job, "-P", "-n", "-o", ",".join(SACCT_FIELDS)], capture_output=True,
+                          text=True, timeout=60)
+    rows = [dict(zip(SACCT_FIELDS, line.split("|"))) for line in done.stdout.splitlines() if "|" in line]
+    whole = next((row for row in rows if row["JobID"] == job), None)
+    if done.returncode or whole is None:
+        said = (done.stderr or done.stdout).strip().splitlines()
+        return f"sacct -j {job}: " + (said[0] if said else "no such job")
+    return job_usage(whole, rows)
+
+
+def job_usage(whole: dict, rows: list[dict]) -> dict:
+    """seff's figures from sacct's lines: the job's own and its steps' (MaxRSS is a step's largest task)."""
+    cores, nodes, elapsed = int(whole["AllocCPUS"]), int(whole["NNodes"] or 1), slurm_seconds(whole["Elapsed"])
+    asked = re.fullmatch(r"([\d.]+[KMGT]?)([cn]?)", whole["ReqMem"])  # before Slurm 21.08: 4000Mc per core, Mn per node
+    asked_mib = slurm_mib(asked.group(1)) * {"c": cores, "n": nodes, "": 1}[asked.group(2)] if asked else None
+    peak = max((slurm_mib(row["MaxRSS"]) or 0.0 for row in rows), default=0.0)
+    cpu = slurm_seconds(whole["TotalCPU"])
+    return {"state": whole["State"], "elapsed_seconds": elapsed, "cores": cores, "nodes": nodes,
+            "total_cpu_seconds": cpu, "cpu_efficiency": cpu / (elapsed * cores) if elapsed else None,
+            "memory_asked_mb": asked_mib, "max_rss_mb": peak,
+            "memory_efficiency": peak / asked_mib if asked_mib else None}
+
+
+def efficiency(run: Path, job: str | None = None) -> dict:
+    """What a finished run used, from its directory, and from Slurm's accounting where there is one."""
+    run = Path(run)
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    if not summary.get("cost"):
+        raise UserError(f"{run} has no summary.json with a cost: efficiency reads a finished run (a stopped run's "
+                        "cost is in the summary line of its log)")
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    job = job or config.get("slurm_job_id")
+    monitored = [u for samples in (read_gpu_csv(run) if (run / "gpu.csv").is_file() else {}).values()
+                 for _, u, _ in samples]
+    return {"run": str(run), "job": job, "cost": summary["cost"],
+            "gpu_csv_utilisation": statistics.mean(monitored) / 100 if monitored else None,
+            "sacct": sacct_job(job) if job else "no job id: not run in a Slurm job; --job names one"}
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+
+
+def efficiency_report(found: dict) -> str:
+    """The efficiency summary as seff-like lines: the run's own figures, then Slurm's."""
+    cost, sacct = found["cost"], found["sacct"]
+    gpus = cost["device_kind"] == "gpu"
+    energy = "not measurable here" if cost["energy_joules"] is None else f"{cost['energy_joules'] / 1000:.1f} kJ"
+    lines = [f"run {found['run']} (job {found['job'] or '-'})",
+             f"  wall time          {duration(cost['wall_seconds'])} in this job; {cost['total_device_hours']:.3g} "
+             f"device-hours of {cost['devices']} {cost['device_kind']} in {cost['jobs']} job(s)",
+             f"  CPU utilisation    {percent(cost.get('cpu_utilisation'))} of {cost.get('cpu_cores', '-')} cores "
+             f"({duration(cost.get('cpu_seconds', 0))} of CPU time: the processes and their DataLoader workers)",
+             f"  peak memory        host {cost['peak_host_memory_mb']:.0f} MB (the largest process)"
+             + (f", GPU {cost['peak_device_memory_mb']:.0f} MB" if gpus else ""),
+             (f"  GPU utilisation    {percent(cost.get('gpu_utilisation'))} (NVML), "
+              f"{percent(found['gpu_csv_utilisation'])} (gpu.csv)") if gpus else "  GPU utilisation    - (a CPU run)",
+             f"  energy             {energy}"]
+    if isinstance(sacct, str):
+        return "\n".join(lines + [f"Slurm's accounting: none ({sacct})"])
+    asked = "-" if sacct["memory_asked_mb"] is None else f"{sacct['memory_asked_mb']:.0f}"
+    return "\n".join(lines + [
+        f"Slurm's accounting (sacct -j {found['job']}): {sacct['state']}, {duration(sacct['elapsed_seconds'])} "
+        f"on {sacct['nodes']} node(s)",
+        f"  CPU efficiency     {percent(sacct['cpu_efficiency'])} of {sacct['cores']} cores (TotalCPU "
+        f"{duration(sacct['total_cpu_seconds'])} of {sacct['cores']} x {duration(sacct['elapsed_seconds'])})",
+        f"  memory efficiency  {percent(sacct['memory_efficiency'])} (MaxRSS {sacct['max_rss_mb']:.0f} MB of {asked} "
+        "MB asked)"])
+
+
+# %% [markdown]
 # ## Appendix: the command-line tool
 
 # %%
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sweep.py", description="Run one row of a sweep; gather runs.")
+    parser = argparse.ArgumentParser(prog="sweep.py", description="Run one row of a sweep; gather runs; what a run's job used.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="train with the settings of one row of a sweep file",
                        epilog="Options after ROW go to train.py, e.g. --data DIR --epochs 5.")
@@ -354,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gather", help="table and plot of finished runs")
     p.add_argument("paths", type=Path, nargs="+", help="run directories or directories holding them")
     p.add_argument("--plot", type=Path, default=None, help="write the accuracy plot to this PNG")
+    p = sub.add_parser("efficiency", help="what a finished run's job used of what it asked for (like seff)")
+    p.add_argument("run", type=Path, help="the run directory")
+    p.add_argument("--job", default=None, help="the Slurm job id for sacct (default: the one in config.json)")
     return parser
 
 
@@ -362,7 +490,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         return run_row(args.sweep_file, args.row, args.runs_dir, rest)
     if rest:
-        raise UserError(f"unknown options for gather: {' '.join(rest)}")
+        raise UserError(f"unknown options for {args.command}: {' '.join(rest)}")
+    if args.command == "efficiency":
+        print(efficiency_report(efficiency(args.run, args.job)))
+        return 0
     gather(args.paths, args.plot)
     return 0
 

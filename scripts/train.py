@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import glob
 import math
+import multiprocessing
 import os
 import platform
 import random
@@ -82,8 +83,8 @@ from resilience import (STOP_CHECK_EVERY, ResumableSampler, Run, StopRequest, ag
                         check_run_dir_is_free, default_run_dir, diverged, hash_classes, is_rank0, load_state_into,
                         load_trained_model, on_rank0, read_checkpoint_file, read_metrics, save_checkpoint,
                         sum_over_ranks, trained_state)
-from speed import (ProfiledLoader, autocast, cached_feature_loaders, pick_precision, precision_name,
-                   set_cudnn_benchmark, to_device, use_gpu_decode)
+from speed import (NsysWindow, ProfiledLoader, autocast, cached_feature_loaders, nvtx_available, pick_precision,
+                   precision_name, set_cudnn_benchmark, step_phases, to_device, use_gpu_decode)
 
 # %% [markdown] slideshow={"slide_type": "slide"}
 # ## The pieces from lessons 1 and 2
@@ -111,7 +112,8 @@ from speed import (ProfiledLoader, autocast, cached_feature_loaders, pick_precis
 # loss is **summed on the device** and read once per epoch, because `loss.item()` in
 # every step would make the CPU wait for the GPU. `steps` counts the steps, prints
 # progress, and asks every few steps whether a time-limit warning arrived (lesson 4);
-# it is collapsed just below.
+# it is collapsed just below. `phase(...)` names the parts of a step on a profiler's
+# timeline when `--nvtx` is on (lesson 9); otherwise it does nothing.
 
 # %% jupyter={"source_hidden": true}
 class EpochSteps:
@@ -135,15 +137,21 @@ class EpochSteps:
         self.stopped: str | None = None
         self.step = self.first
         self.bar = bar and is_rank0() and interactive()
+        self.phase = step_phases(cfg)  # --nvtx: names the phases of each step for Nsight Systems (lesson 8)
 
     def enumerate(self, loader):
         bar = progress(loader, self.last - self.first, f"epoch {self.epoch + 1}", self.bar)
-        for step, batch in enumerate(bar, start=self.first):
-            if step >= self.last:
-                return
-            if self.schedule:
-                self.lr = self.schedule(self.epoch, step, self.last)
-            yield step, batch
+        self.phase("wait for data")
+        try:
+            for step, batch in enumerate(bar, start=self.first):
+                if step >= self.last:
+                    return
+                if self.schedule:
+                    self.lr = self.schedule(self.epoch, step, self.last)
+                yield step, batch
+                self.phase("wait for data")
+        finally:
+            self.phase(None)
 
     def add(self, step: int, loss: torch.Tensor, images: int) -> bool:
         """Count a step; True when every rank agreed to stop after it."""
@@ -194,14 +202,20 @@ def interactive() -> bool:
 def train_one_epoch(model, loader, optimizer, scaler, dtype, device, cfg, steps: EpochSteps) -> EpochSteps:
     """One epoch (or its rest, after a mid-epoch resume); `steps` holds this process's sums."""
     model.train()
-    for step, (images, labels) in steps.enumerate(loader):
+    phase = steps.phase  # --nvtx: a named range per phase on a profiler's timeline; else it does nothing
+    for step, (images, labels) in steps.enumerate(loader):  # phase "wait for data" while the loader works
+        phase("copy to device")
         images, labels = to_device(images, labels, device, cfg.channels_last)
+        phase("forward")
         with autocast(device, dtype):  # mixed precision: lesson 8 (here, fp32)
             loss = F.cross_entropy(model(images), labels)
+        phase("backward")  # under DDP, the gradients' all-reduce overlaps it
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # the gradient scaler acts with fp16 only
+        phase("optimizer step")
         scaler.step(optimizer)
         scaler.update()
+        phase("bookkeeping")
         if steps.add(step, loss, len(labels)):  # a time-limit warning: stop after this step
             break
     return steps
@@ -327,8 +341,9 @@ def learning_rate(cfg, processes: int, epoch: int, step: int = 0, steps_per_epoc
 # The summary also says what the run **cost** (`cost` in `summary.json`, appendix):
 # its wall time, the devices it held (GPUs, or CPU cores), and their product,
 # `device_hours`, which is what an allocation is charged in; the peak memory
-# (`peak_mem_mb` in the summary line: the GPU's, or the host's on a CPU); and the energy
-# in joules, only where a counter is readable (RAPL on CPUs, NVML on GPUs), else `None`.
+# (`peak_mem_mb` in the summary line: the GPU's, or the host's on a CPU); how busy its CPU
+# cores (and GPUs, where NVML is readable) were; and the energy in joules, only where a
+# counter is readable (RAPL on CPUs, NVML on GPUs), else `None`.
 
 # %%
 def fit(cfg, device: torch.device | None = None, stop: StopRequest | None = None) -> dict:
@@ -582,11 +597,11 @@ class Training:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.cost.energy.done.set()  # the meter's thread ends, however fit ends
+        self.cost.close()  # the meters' threads end, however fit ends
         self.run.finish()  # the W&B run is closed and the run directory unlocked, however fit ends
 
     def apply_speed_switches(self) -> None:
-        """--cudnn-benchmark, --cache-features and --profile (--channels-last is set in prepare)."""
+        """--cudnn-benchmark, --cache-features, --profile and --nvtx (--channels-last is set in prepare)."""
         cfg = self.cfg
         set_cudnn_benchmark(cfg.cudnn_benchmark)
         if cfg.cache_features:  # the backbone runs once, here; every epoch trains the head on its output
@@ -596,6 +611,10 @@ class Training:
         if cfg.profile:
             self.train_loader = ProfiledLoader(self.train_loader, self.out / cfg.profile, self.device, self.rank,
                                                self.log)
+        if cfg.nvtx and not nvtx_available():
+            self.log("notice: --nvtx: this PyTorch is a CPU-only build, without NVTX: no ranges are recorded")
+        if cfg.nvtx and self.device.type == "cuda":  # for nsys profile --capture-range=cudaProfilerApi
+            self.train_loader = NsysWindow(self.train_loader)
 
     def log_header(self) -> None:
         cfg, world_size = self.cfg, self.world_size
@@ -778,6 +797,12 @@ def pick_device(requested: str = "auto", local_rank: int = 0, log=print) -> torc
 #   Linux 5.10 and later; NVML needs `pynvml`), it is `None`, never a guess, and
 #   `energy_source` says why. RAPL counts the whole socket, other jobs' work on a shared
 #   node included, so DDP on CPUs (ranks sharing a node's counters) does not measure it.
+# - `cpu_utilisation`: how busy the cores allotted were, 0 to 1: `cpu_seconds` (the CPU time
+#   of every rank and its DataLoader workers, user and system) over wall time x `cpu_cores`
+#   (`available_cpus()` x processes), on CPU and GPU runs alike: `seff`'s CPU efficiency.
+# - `gpu_utilisation`: the mean of NVML's utilisation (`torch.cuda.utilization`, sampled with
+#   the power draw), 0 to 1, over the GPUs and ranks; `None` on CPUs or without NVML. It says
+#   only that *some* kernel ran (lesson 8): a low value is an alarm, a high one no proof.
 
 # %%
 RAPL_COUNTERS = "/sys/class/powercap/intel-rapl:*/energy_uj"  # one package (socket) each: intel-rapl:0, intel-rapl:1
@@ -801,17 +826,32 @@ def gpu_power_watts(device: torch.device) -> float | None:
         return None
 
 
-class EnergyMeter:
+class Polled:
+    """A meter that a thread of its own polls every `every` seconds until `done` is set (0: only when polled)."""
+
+    def start_polling(self, every: float) -> None:
+        self.lock, self.done = threading.Lock(), threading.Event()
+        if every:
+            threading.Thread(target=self.keep_polling, args=(every,), daemon=True, name=type(self).__name__).start()
+
+    def keep_polling(self, every: float) -> None:
+        while not self.done.wait(every):
+            self.poll()
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+
+class EnergyMeter(Polled):
     """Joules used since it started: the RAPL counters' increase on a CPU, the power draw of `devices` integrated
     on GPUs (none: not measured); a thread reads them every `every` seconds (0: only when polled)."""
 
     def __init__(self, devices: list[torch.device], every: float = POLL_SECONDS):
-        self.devices, self.lock, self.done = devices, threading.Lock(), threading.Event()
+        self.devices = devices
         self.gpu = bool(devices) and devices[0].type == "cuda"
         self.last = self.reading()
         self.joules = 0.0 if self.last is not None else None
-        if self.last is not None and every:
-            threading.Thread(target=self.keep_polling, args=(every,), daemon=True, name="energy-meter").start()
+        self.start_polling(every if self.last is not None else 0)
 
     def reading(self):
         if not self.devices:
@@ -836,10 +876,6 @@ class EnergyMeter:
                                    for (uj, wrap), (old, _) in zip(now, self.last)) / 1e6
             self.last = now
 
-    def keep_polling(self, every: float) -> None:
-        while not self.done.wait(every):
-            self.poll()
-
     def stop(self) -> tuple[float | None, str]:
         """The joules so far (None where not measurable), and where they come from."""
         self.done.set()
@@ -849,6 +885,52 @@ class EnergyMeter:
         if self.gpu:
             return self.joules, f"GPU power draw (NVML) sampled every {POLL_SECONDS:g} s, summed over ranks"
         return self.joules, "RAPL package counters (the whole CPU sockets, other processes on the node included)"
+
+
+def gpu_utilisation_percent(device: torch.device) -> float | None:
+    try:
+        return float(torch.cuda.utilization(device))  # NVML's "GPU-Util", the share of time a kernel ran
+    except Exception:  # no pynvml, or a GPU without the reading
+        return None
+
+
+class GpuUseMeter(Polled):
+    """The mean utilisation (0 to 1) of `gpus`, sampled every `every` seconds; None where not readable."""
+
+    def __init__(self, gpus: list[torch.device], every: float = POLL_SECONDS):
+        self.gpus, self.samples = gpus, []
+        self.readable = bool(gpus) and self.sample()
+        self.start_polling(every if self.readable else 0)
+
+    def sample(self) -> bool:
+        percents = [gpu_utilisation_percent(gpu) for gpu in self.gpus]
+        if None in percents:
+            return False
+        self.samples.append(sum(percents) / len(percents) / 100)
+        return True
+
+    def poll(self) -> None:
+        with self.lock:
+            self.readable = self.readable and self.sample()
+
+    def stop(self) -> float | None:
+        self.done.set()
+        self.poll()
+        return sum(self.samples) / len(self.samples) if self.readable else None
+
+
+def process_cpu_seconds() -> float:
+    """CPU time (user and system) of this process, of its children that ended, and of those still running (the
+    DataLoader's persistent workers: read from Linux's /proc; elsewhere they count once they end)."""
+    seconds = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                  for field in ("ru_utime", "ru_stime"))
+    for child in multiprocessing.active_children():
+        try:
+            fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            seconds += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass  # it just ended (counted with RUSAGE_CHILDREN once reaped), or no /proc here
+    return seconds
 
 
 class CostMeter:
@@ -866,7 +948,13 @@ class CostMeter:
             self.devices, self.kind = available_cpus() * world_size, "cpu cores"
         # Under DDP on CPUs the ranks share a node's RAPL counters: not measured.
         self.energy = EnergyMeter(self.gpus or ([device] if world_size == 1 else []))
+        self.gpu_use = GpuUseMeter(self.gpus)
+        self.cores, self.cpu_started = available_cpus() * world_size, process_cpu_seconds()
         self.earlier: dict | None = None  # spent() of the jobs before this one, from last.pt (a resumed run)
+
+    def close(self) -> None:
+        self.energy.done.set()
+        self.gpu_use.done.set()
 
     def spent(self, wall: float | None = None) -> dict:
         """Wall time and device-hours of this job so far plus the jobs before it: last.pt keeps it for the next."""
@@ -879,21 +967,30 @@ class CostMeter:
         """The cost so far; every rank calls it (two small all-reduces under DDP), rank 0's is the run's."""
         wall = time.perf_counter() - self.started
         joules, source = self.energy.stop()
+        gpu_use = self.gpu_use.stop()
+        cpu_seconds = process_cpu_seconds() - self.cpu_started
         host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         gpu = max((torch.cuda.max_memory_allocated(d) / 2**20 for d in self.gpus), default=None)
         if dist.is_initialized():
             peaks = torch.tensor([host, gpu or 0.0], dtype=torch.float64, device=self.device)
             dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
             host, gpu = peaks[0].item(), (peaks[1].item() if gpu is not None else None)
-            if self.device.type == "cuda":  # each rank measured its own GPU; a rank without a reading voids the sum
-                energy = torch.tensor([joules or 0.0, joules is None], dtype=torch.float64, device=self.device)
-                sum_over_ranks(energy)
-                joules, source = (energy[0].item(), source) if energy[1] == 0 else (None, NOT_MEASURABLE)
+            # Summed over ranks; a rank without a reading voids the energy (each rank measured its own GPU on
+            # GPUs, none on CPUs) and the GPU utilisation (their mean).
+            sums = torch.tensor([cpu_seconds, joules or 0.0, joules is None, gpu_use or 0.0, gpu_use is None],
+                                dtype=torch.float64, device=self.device)
+            sum_over_ranks(sums)
+            cpu_seconds = sums[0].item()
+            if self.device.type == "cuda":
+                joules, source = (sums[1].item(), source) if sums[2] == 0 else (None, NOT_MEASURABLE)
+            gpu_use = sums[3].item() / self.world_size if sums[4] == 0 else None
         total = self.spent(wall)
         return {"wall_seconds": wall, "devices": self.devices, "device_kind": self.kind,
                 "device_hours": self.devices * wall / 3600, "peak_host_memory_mb": host, "peak_device_memory_mb": gpu,
-                "energy_joules": joules, "energy_source": source, "jobs": total["jobs"],
-                "total_wall_seconds": total["wall_seconds"], "total_device_hours": total["device_hours"]}
+                "energy_joules": joules, "energy_source": source, "cpu_cores": self.cores, "cpu_seconds": cpu_seconds,
+                "cpu_utilisation": cpu_seconds / (wall * self.cores), "gpu_utilisation": gpu_use,
+                "jobs": total["jobs"], "total_wall_seconds": total["wall_seconds"],
+                "total_device_hours": total["device_hours"]}
 
 
 def peak_memory_mb(cost: dict) -> float:
@@ -1139,6 +1236,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpu-decode", action="store_true", help="decode the JPEGs on the GPU (ignored without CUDA)")
     g.add_argument("--profile", nargs="?", const="profile", default=None, metavar="DIR",
                    help="write a torch.profiler trace of training steps 2-5 to DIR (relative: in the run directory)")
+    g.add_argument("--nvtx", action="store_true",
+                   help="NVTX ranges around the phases of every training step, and (CUDA) the --profile steps "
+                        "marked for nsys profile --capture-range=cudaProfilerApi (slurm/env.sh: COURSE_NSYS=1)")
     g = p.add_argument_group("run directory and resilience (lesson 4)")
     g.add_argument("--out", type=Path, default=None, help="run directory (default runs/<job id or time>-<arch>)")
     g.add_argument("--resume", action="store_true",

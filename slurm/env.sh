@@ -33,6 +33,16 @@ else
 fi
 set -euo pipefail  # after activation: some activation scripts use unset variables
 
+# COURSE_NSYS=1 (slurm/site.sh): the training runs under Nsight Systems, a report of a few steps
+# per process in <run dir>/nsys/ (slurm/nsys/run). After the activation, which may load nsys.
+if [[ ${COURSE_NSYS:-} == 1 ]]; then
+    if command -v nsys >/dev/null 2>&1; then
+        export PATH="$PWD/slurm/nsys/bin:$PATH"
+    else
+        echo "notice: COURSE_NSYS=1, but there is no nsys command here: the runs are not profiled (load the site's Nsight Systems or CUDA module in COURSE_ENV_ACTIVATE)" >&2
+    fi
+fi
+
 # --- 2. What to train ------------------------------------------------------------------
 BIRDS_DATA=${BIRDS_DATA:-data/birds}          # the dataset on the shared filesystem
 RUNS=${RUNS:-runs}                            # run directories go under here (RUN_DIR: one of them)

@@ -53,3 +53,10 @@ COURSE_ENV_ACTIVATE=${COURSE_ENV_ACTIVATE-}
 # file then runs its python and torchrun inside it (`apptainer exec`, --nv on NVIDIA nodes), with
 # the course, the data, the runs and the node-local scratch bound in. docs/containers.md.
 COURSE_CONTAINER=${COURSE_CONTAINER-}
+
+# --- Profiling with Nsight Systems ------------------------------------------------------------
+# Empty: no profiling. 1: every file's training runs under `nsys profile`, which records a few steps
+# (the ones train.py --profile records, with NVTX ranges naming the phases of each step) into
+# <run dir>/nsys/<host>-<pid>.nsys-rep; where nsys is missing, one notice and no profile. Usually for
+# one job, from the submitting shell: COURSE_NSYS=1 slurm/submit slurm/train.sbatch (docs/performance.md)
+COURSE_NSYS=${COURSE_NSYS-}

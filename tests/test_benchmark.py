@@ -208,7 +208,13 @@ def test_scaling_gives_speed_up_and_efficiency_against_one_device(tmp_path, caps
     assert [(p["kind"], p["devices"], p["speedup"]) for p in points] == [
         ("single", 1, 1.0), ("independent", 2, 2.0), ("dp", 2, 1.5), ("ddp", 4, 3.2)]
     assert points[3]["efficiency"] == pytest.approx(0.8)
+    # The cost column: device-hours per million images; DDP is the fastest and dearer than one device by 1 / 0.8.
+    assert [p["device_hours_per_m"] for p in points] == pytest.approx([1e6 / 100 / 3600, 2e6 / 200 / 3600,
+                                                                       2e6 / 150 / 3600, 4e6 / 320 / 3600])
+    assert [p["cost"] for p in points] == pytest.approx([1, 1, 4 / 3, 1.25])
     out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[-3:] == ["device-h/M", "img", "cost"]
+    assert out.splitlines()[4].split()[-2:] == [f"{4e6 / 320 / 3600:.3g}", "1.25x"]
     assert "V100" not in out and (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(data.UserError, match="is not a finished run directory"):
         benchmark.scaling_points(tmp_path / "nothing", [], [], [])

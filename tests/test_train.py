@@ -637,7 +637,8 @@ def test_a_resume_may_change_lr_scaling_and_warm_up_with_a_notice(tiny_data, tmp
 # --- what a run cost: summary.json's cost, the summary line, gather's columns ---------------
 
 COST_KEYS = {"wall_seconds", "devices", "device_kind", "device_hours", "peak_host_memory_mb", "peak_device_memory_mb",
-             "energy_joules", "energy_source", "jobs", "total_wall_seconds", "total_device_hours"}
+             "energy_joules", "energy_source", "cpu_cores", "cpu_seconds", "cpu_utilisation", "gpu_utilisation",
+             "jobs", "total_wall_seconds", "total_device_hours"}
 
 
 def rapl_file(tmp_path, microjoules: int, wrap: int = 10**9):
@@ -664,6 +665,10 @@ def test_a_finished_cpu_run_records_what_it_cost(tiny_data, tmp_path, monkeypatc
         cost["wall_seconds"], cost["device_hours"])
     assert cost["peak_host_memory_mb"] > 50 and cost["peak_device_memory_mb"] is None  # a Python with torch; no GPU
     assert cost["energy_joules"] is None and cost["energy_source"].startswith("not measurable here")
+    # How busy the cores were: the process's CPU time over the cores' wall time (one thread: at most one core).
+    assert cost["cpu_cores"] == data.available_cpus() and 0 < cost["cpu_seconds"] <= measured
+    assert cost["cpu_utilisation"] == pytest.approx(cost["cpu_seconds"] / (cost["wall_seconds"] * cost["cpu_cores"]))
+    assert 0 < cost["cpu_utilisation"] <= 1 / cost["cpu_cores"] + 0.05 and cost["gpu_utilisation"] is None
     line = train.summary_line(summary)
     assert f"device_hours={cost['device_hours']:.3g} peak_mem_mb={cost['peak_host_memory_mb']:.0f} run_dir=" in line
     assert line.startswith("summary: epochs=1/1 val_acc=") and line.endswith(f"run_dir={tmp_path / 'run'}")

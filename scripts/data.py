@@ -990,9 +990,10 @@ def kaggle_credentials() -> tuple[str, str] | None:
         raise UserError(f"{path} is not a Kaggle credentials file with 'username' and 'key'") from None
 
 
-def unsafe_zip_member(name: str, is_link: bool = False) -> str | None:
-    """Why a zip member must not be extracted, or None when it is safe. (A tar member is
-    checked by tarfile's "data" filter as it is extracted: extract_archive.)"""
+def unsafe_member(name: str, is_link: bool = False) -> str | None:
+    """Why a zip member must not be extracted, or a shard's member read, or None when it is safe.
+    (A tar archive's members are checked by tarfile's "data" filter as they are extracted:
+    extract_archive.)"""
     if is_link:
         return "is a link"
     if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
@@ -1028,7 +1029,7 @@ def archive_members(archive: Path) -> list[Member]:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
                 for info in zf.infolist():
-                    reason = unsafe_zip_member(info.filename, (info.external_attr >> 16) & 0o170000 == 0o120000)
+                    reason = unsafe_member(info.filename, (info.external_attr >> 16) & 0o170000 == 0o120000)
                     if reason:
                         raise UserError(f"refusing to extract {archive}: member '{info.filename}' {reason}")
                 members = [Member(m.filename, m.is_dir(), m.file_size) for m in zf.infolist()]

@@ -41,6 +41,8 @@
 # python scripts/benchmark.py ladder --data data/birds --arch resnet152      # the whole ladder
 # python scripts/benchmark.py run --data data/birds --channels-last --amp bf16   # one configuration
 # python scripts/benchmark.py scaling --single runs/1 --ddp runs/ddp4 --plot scaling.png
+# python scripts/benchmark.py allreduce --arch resnet152 --processes 1 2 3     # what DDP sends per step
+# python scripts/benchmark.py wholerun --data data/birds --cache-features      # whole runs against the original
 # ```
 
 # %% tags=["parameters", "active-ipynb"]
@@ -63,6 +65,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import itertools
@@ -73,20 +76,26 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 import torchvision
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import RandomSampler, Subset
 
 import speed
+import sweep
 import train
 from data import (ShardSampler, UserError, atomic_write, available_cpus, load_splits, make_loader, run_cli,
                   set_compute_threads)
-from model import BirdClassifier, load_backbone_weights
-from resilience import write_json
+from model import ARCHITECTURES, BirdClassifier, build_model, load_backbone_weights
+from resilience import ResumableSampler, check_run_dir_is_free, write_json
 
 # %% [markdown] slideshow={"slide_type": "slide"}
 # ## Measuring honestly
@@ -100,13 +109,20 @@ from resilience import write_json
 # %%
 @dataclass(frozen=True)
 class Spread:
-    """Images/s over the repeats of one measurement."""
+    """One figure over the repeats of a measurement (images/s unless it says otherwise): min, median, max."""
     min: float
     median: float
     max: float
 
     def __str__(self) -> str:
-        return f"{self.median:.1f} img/s (min {self.min:.1f}, max {self.max:.1f})"
+        return self.text("img/s")
+
+    def text(self, unit: str, digits: int = 1) -> str:
+        return f"{self.median:.{digits}f} {unit} (min {self.min:.{digits}f}, max {self.max:.{digits}f})"
+
+    def overlaps(self, other: "Spread") -> bool:
+        """Whether the two ranges share a value: this measurement cannot tell them apart."""
+        return self.min <= other.max and other.min <= self.max
 
     @classmethod
     def of(cls, rates: list[float]) -> "Spread":
@@ -221,8 +237,12 @@ COMMANDS = {
     "run": "Measure one configuration: input pipeline, model-only ceiling and end-to-end training.",
     "ladder": "Measure the original configuration, then each optimisation added one at a time.",
     "scaling": "Throughput, speed-up and efficiency of single-device, independent, DP and DDP runs.",
+    "allreduce": "What DDP all-reduces per step (frozen and fine-tuned), its buckets, and what that costs a step.",
+    "wholerun": "Whole train.py runs, process start to exit: the original configuration against the options given.",
+    "train": "train.py with the original's switches (--no-normalize, --train-mode-backbone, --original-loader).",
 }
 ORIGINAL_WORKERS = 12  # per GPU in the original's batch files (8 with pinned memory under DDP)
+ORIGINAL_LOADER = {"pin_memory": False, "prefetch_factor": 2, "persistent_workers": False}  # and drop_last in training
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
@@ -279,7 +299,7 @@ def benchmark_loader(images: Subset, cfg):
     order = RandomSampler(images, generator=torch.Generator().manual_seed(cfg.seed))
     if cfg.original_loader:  # DataLoader(dataset, batch_size, shuffle=True, num_workers=12, drop_last=True)
         return make_loader(images, cfg.batch_size, min(ORIGINAL_WORKERS, available_cpus()), sampler=order,
-                           pin_memory=False, drop_last=True, prefetch_factor=2, persistent_workers=False)
+                           drop_last=True, **ORIGINAL_LOADER)
     return make_loader(images, cfg.batch_size, cfg.workers, sampler=order, drop_last=True)
 
 
@@ -439,7 +459,7 @@ def judge(row: dict, kept: dict | None) -> tuple[bool, str]:
     if kept is None:
         return True, ""
     before = kept["spread"]["train"]
-    if train_ips["min"] <= before["max"] and before["min"] <= train_ips["max"]:
+    if Spread(**train_ips).overlaps(Spread(**before)):
         return False, f"within noise of {kept['row']}"
     if train_ips["median"] < before["median"]:
         return False, "slower end to end: not kept"
@@ -954,10 +974,374 @@ def scaling_main(argv: list[str]) -> int:
     return 0
 
 
+# %% [markdown]
+# ## Appendix: what DDP communicates (`benchmark.py allreduce`)
+#
+# In every step each DDP process all-reduces the gradients of the parameters that train:
+# with a frozen backbone only the head's, with `--finetune` every layer's. DDP does not
+# wait for the end of the backward pass: it groups the gradients into **buckets** of about
+# `bucket_cap_mb` megabytes (25 by default; after the first step, in the order that step
+# produced them) and all-reduces each bucket as soon as its gradients are ready, while the
+# backward pass goes on through the earlier layers. `gradient_as_bucket_view=True` makes
+# the gradients views into the buckets: one copy and one gradient's memory fewer.
+#
+# `allreduce` measures this per step of rank 0, for 1, 2 and 3 processes on this machine
+# (gloo on CPUs, nccl with a GPU per process), on random images and random weights: the
+# bytes all-reduced (exact: the trainable parameters times 4 bytes in fp32), DDP's
+# buckets, the forward and backward pass without communication (under `no_sync()`) and
+# with it, and the all-reduce of the same buckets alone. `added` is with minus without:
+# what communication costs a step; of the all-reduce alone, what `added` does not show
+# was hidden behind the backward pass. The two passes alternate, repeat after repeat, so
+# that other work on the machine weighs on both alike.
+
+# %%
+ALLREDUCE_CASES = {"frozen": "frozen backbone: the head's gradients", "finetune": "--finetune: every layer's"}
+
+
+def allreduce_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="benchmark.py allreduce", description=COMMANDS["allreduce"],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--arch", default="resnet152", choices=list(ARCHITECTURES))
+    parser.add_argument("--classes", type=int, default=525, help="classes of the head (the birds: 525)")
+    parser.add_argument("--image-size", type=int, default=64, help="random images; the gradients do not depend on it")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per process and step")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 3], help="process counts, one group each")
+    parser.add_argument("--cases", nargs="+", choices=list(ALLREDUCE_CASES), default=list(ALLREDUCE_CASES),
+                        help="; ".join(f"{name}: {what}" for name, what in ALLREDUCE_CASES.items()))
+    parser.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"],
+                        help="auto: nccl when there is a GPU for every process, else gloo")
+    parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP's bucket size")
+    parser.add_argument("--gradient-as-bucket-view", action="store_true", help="gradients as views into the buckets")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps (DDP rebuilds its buckets after the first)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
+    parser.add_argument("--repeats", type=int, default=5, help="each figure: the median of this many repeats, with min and max")
+    parser.add_argument("--out", type=Path, default=Path("runs/benchmark"))
+    parser.add_argument("--json", type=Path, default=None, help="where to write the results (default <out>/allreduce.json)")
+    return parser
+
+
+def allreduce_config(argv: list[str]) -> argparse.Namespace:
+    args = allreduce_parser().parse_args(argv)
+    least = {"classes": 1, "image_size": 16, "batch_size": 1, "warmup": 1, "steps": 1, "repeats": 1, "bucket_cap_mb": 0.001}
+    for option, smallest in least.items():
+        if getattr(args, option) < smallest:
+            raise UserError(f"--{option.replace('_', '-')} {getattr(args, option)} is out of range: give {smallest} or more")
+    if min(args.processes) < 1:
+        raise UserError(f"--processes {' '.join(map(str, args.processes))}: every count must be 1 or more")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.backend == "auto":
+        args.backend = "nccl" if gpus >= max(args.processes) else "gloo"
+    if args.backend == "nccl" and gpus < max(args.processes):
+        raise UserError(f"--backend nccl needs a GPU per process: {gpus} visible for --processes {max(args.processes)}; "
+                        "use fewer processes or --backend gloo")
+    return args
+
+
+def compute_threads(processes: int) -> int:
+    """Per process: OMP_NUM_THREADS when set, else the CPUs shared out (processes on one machine share them)."""
+    forced = os.environ.get("OMP_NUM_THREADS", "")
+    return int(forced) if forced.isdigit() and int(forced) > 0 else max(1, available_cpus() // processes)
+
+
+def allreduce_group(args, processes: int) -> list[dict]:
+    """Start `processes` DDP processes on this machine; rank 0's rows, one per case."""
+    with tempfile.TemporaryDirectory() as scratch:  # the processes meet in a file there: no port to pick
+        result = Path(scratch) / "rows.json"
+        torch.multiprocessing.spawn(allreduce_worker, args=(processes, args, scratch), nprocs=processes)
+        return json.loads(result.read_text())
+
+
+def allreduce_worker(rank: int, processes: int, args, scratch: str) -> None:
+    device = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.set_num_threads(compute_threads(processes))
+    dist.init_process_group(args.backend, init_method=f"file://{scratch}/rendezvous", rank=rank, world_size=processes)
+    try:
+        rows = [communication(case, args, device) for case in args.cases]
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        write_json(Path(scratch) / "rows.json", rows)
+
+
+def communication(case: str, args, device: torch.device) -> dict:
+    """One case in this process: what DDP all-reduces per step, and what it costs the step."""
+    torch.manual_seed(0)
+    model = BirdClassifier(args.arch, args.classes, freeze_backbone=case == "frozen").to(device).train()
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  bucket_cap_mb=args.bucket_cap_mb, gradient_as_bucket_view=args.gradient_as_bucket_view)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    labels = torch.randint(args.classes, (args.batch_size,), device=device)
+
+    def seconds_per_step(steps: int, communicate: bool) -> float:
+        dist.barrier()  # every rank starts the repeat together
+        started = time.perf_counter()
+        for _ in range(steps):
+            ddp.zero_grad(set_to_none=True)
+            with contextlib.nullcontext() if communicate else ddp.no_sync():  # no_sync: gradients stay local
+                F.cross_entropy(ddp(images), labels).backward()
+            if not communicate:
+                dist.barrier()  # in step with the other ranks, as DDP's all-reduce keeps them: only the bytes differ
+        synchronize(device)
+        return (time.perf_counter() - started) / steps
+
+    seconds_per_step(args.warmup, True)
+    seconds_per_step(1, False)
+    timed = [(seconds_per_step(args.steps, True), seconds_per_step(args.steps, False)) for _ in range(args.repeats)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    sent = sum(p.numel() * p.element_size() for p in trainable)
+    buckets = bucket_bytes(ddp) or [sent]
+    return {"case": case, "processes": dist.get_world_size(), "backend": dist.get_backend(),
+            "threads": torch.get_num_threads(), "trainable_parameters": sum(p.numel() for p in trainable),
+            "allreduce_bytes": sent, "bucket_bytes": buckets,
+            "seconds_no_sync": asdict(Spread.of([local for _, local in timed])),
+            "seconds_ddp": asdict(Spread.of([both for both, _ in timed])),
+            "seconds_allreduce_alone": asdict(allreduce_alone(buckets, args, device))}
+
+
+def bucket_bytes(ddp: DistributedDataParallel) -> list[int]:
+    """DDP's buckets in bytes, from its logging data (no public API reports them; [] where it is missing)."""
+    try:
+        logged = ddp._get_ddp_logging_data()
+    except (AttributeError, RuntimeError):
+        return []
+    sizes = logged.get("rebuilt_bucket_sizes") or logged.get("bucket_sizes") or ""
+    return [int(size) for size in str(sizes).split(",") if size.strip()]
+
+
+def allreduce_alone(buckets: list[int], args, device: torch.device) -> Spread:
+    """Seconds to all-reduce fp32 tensors of the buckets' sizes, one after another, with nothing to overlap."""
+    tensors = [torch.zeros(size // 4, device=device) for size in buckets]
+
+    def seconds(steps: int) -> float:
+        dist.barrier()
+        started = time.perf_counter()
+        for _ in range(steps):
+            for tensor in tensors:
+                dist.all_reduce(tensor)
+        synchronize(device)
+        return (time.perf_counter() - started) / steps
+
+    seconds(1)
+    return Spread.of([seconds(args.steps) for _ in range(args.repeats)])
+
+
+def add_communication_cost(row: dict) -> dict:
+    """added: seconds communication adds to a step; hidden: the share of the all-reduce alone that it does not add
+    (None where the measurement cannot tell)."""
+    ddp, local, alone = (Spread(**row[key]) for key in ("seconds_ddp", "seconds_no_sync", "seconds_allreduce_alone"))
+    row["added_seconds"] = ddp.median - local.median
+    within_noise = ddp.overlaps(local)
+    row["note"] = "within noise: DDP's and no_sync's repeats overlap" if within_noise else ""
+    measurable = alone.median > 0 and not within_noise
+    row["hidden"] = min(1.0, max(0.0, 1 - row["added_seconds"] / alone.median)) if measurable else None
+    return row
+
+
+def allreduce_table(rows: list[dict]) -> str:
+    def ms(key, row):
+        spread = Spread(**row[key])
+        return f"{spread.median * 1e3:.1f} ±{(spread.max - spread.min) / 2 / spread.median:.0%}"
+    header = ["processes", "case", "trainable", "all-reduced", "buckets", "no_sync ms", "DDP ms", "added ms",
+              "all-reduce alone ms", "hidden", "note"]
+    cells = [[str(r["processes"]), r["case"], f"{r['trainable_parameters']:,}", f"{r['allreduce_bytes'] / 1e6:.3g} MB",
+              str(len(r["bucket_bytes"])), ms("seconds_no_sync", r), ms("seconds_ddp", r), f"{r['added_seconds'] * 1e3:.1f}",
+              ms("seconds_allreduce_alone", r), "-" if r["hidden"] is None else f"{r['hidden']:.0%}", r["note"]]
+             for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in [header, *cells])
+
+
+def allreduce_main(argv: list[str]) -> int:
+    args = allreduce_config(argv)
+    rows = []
+    for processes in args.processes:
+        print(f"measuring {processes} process(es): {args.backend}, {compute_threads(processes)} compute thread(s) each, "
+              f"{args.arch}, {args.image_size} px, batch {args.batch_size} per process", flush=True)
+        rows += [add_communication_cost(row) for row in allreduce_group(args, processes)]
+    print(allreduce_table(rows))
+    rt = BenchmarkRuntime(torch.device("cuda" if args.backend == "nccl" else "cpu"))
+    path = args.json or args.out / "allreduce.json"
+    write_json(path, {"command": "python scripts/benchmark.py " + " ".join(map(shlex.quote, ["allreduce", *argv])),
+                      "machine": machine(rt), "settings": {k: str(v) if isinstance(v, Path) else v
+                                                           for k, v in vars(args).items()}, "rows": rows})
+    print(f"results written to {path}")
+    return 0
+
+
+# %% [markdown]
+# ## Appendix: whole runs, process start to exit (`benchmark.py wholerun`)
+#
+# The ladder times training steps inside one process. `wholerun` times what a user waits
+# for: `train.py` from the start of its process to its exit (imports, reading the data,
+# loading the weights, every epoch with its validation, the checkpoints, the test score),
+# for the original configuration and for the options given, one after the other, repeated,
+# on the same data and machine. The original runs as `benchmark.py train` (train.py with the
+# ladder's three switches that bring back the original: no normalisation, the frozen
+# backbone in training mode, and its own loader: 12 workers capped to the CPUs, no pinned
+# memory, workers started again every epoch, the last partial batch dropped), with the
+# ladder's `original` options (fp32, Adam). Its validation runs without autograd, as
+# train.py's does; the original's ran with it, so if anything the original side is timed
+# faster than the original was. Both sides follow train.py's thread rule: compute threads =
+# the CPUs available minus the loader's workers, at least 1, unless `OMP_NUM_THREADS` is
+# set, which then holds for both; each side's header line (in its `.log`) says what it got.
+# `--weights random` (the default) saves a random backbone to a file once, and both sides
+# load it as they would ImageNet's.
+
+# %%
+RUN_OPTIONS = ["data", "arch", "image_size", "batch_size", "epochs", "lr", "lr_scaling", "warmup_epochs",
+               "weight_decay", "seed", "max_steps", "device", "workers"]
+
+
+@contextlib.contextmanager
+def original_switches(normalize: bool, backbone_eval: bool, original_loader: bool):
+    """train.py with the ladder's switches that bring back the original, where train.prepare reads the data, builds
+    the loaders and the model. train.py itself has no such options: the course does not teach them."""
+    def splits(*args, **kwargs):
+        return load_splits(*args, normalize=normalize, **kwargs)
+
+    def loader(dataset, batch_size, workers, **options):
+        if original_loader:  # DataLoader(dataset, batch_size, shuffle=True, num_workers=12, drop_last=True) in training
+            options = {**options, **ORIGINAL_LOADER, "drop_last": isinstance(options.get("sampler"), ResumableSampler)}
+        return make_loader(dataset, batch_size, workers, **options)
+
+    def model(*args, **kwargs):
+        built = build_model(*args, **kwargs)
+        built.backbone_eval_when_frozen = backbone_eval
+        return built
+
+    with mock.patch.multiple(train, load_splits=splits, make_loader=loader, build_model=model):
+        yield
+
+
+def original_train_main(argv: list[str]) -> int:
+    """`benchmark.py train`: train.py's main with the original's switches (what wholerun starts)."""
+    parser = argparse.ArgumentParser(prog="benchmark.py train", add_help=False)
+    parser.add_argument("--no-normalize", dest="normalize", action="store_false")
+    parser.add_argument("--train-mode-backbone", dest="backbone_eval", action="store_false")
+    parser.add_argument("--original-loader", action="store_true")
+    switches, rest = parser.parse_known_args(argv)
+    with original_switches(switches.normalize, switches.backbone_eval, switches.original_loader):
+        return train.main(rest)
+
+
+def wholerun_config(argv: list[str]) -> argparse.Namespace:
+    parser = train.build_parser()
+    parser.prog, parser.description = "benchmark.py wholerun", COMMANDS["wholerun"]
+    parser.set_defaults(weights="random", epochs=4, out=Path("runs/benchmark/wholerun"),
+                        normalize=True, backbone_eval=True, original_loader=False)  # the side given: train.py's own
+    group = parser.add_argument_group("whole runs")
+    group.add_argument("--repeats", type=int, default=3, help="pairs of runs: the original, then the options given")
+    group.add_argument("--goal", type=float, default=5.0, help="the speed-up to check (the issue's CPU goal)")
+    group.add_argument("--json", type=Path, default=None, help="where to write the results (default <out>/wholerun.json)")
+    cfg = train.parse_args(argv, parser)
+    if cfg.repeats < 1 or not cfg.goal > 0:
+        raise UserError(f"--repeats {cfg.repeats} and --goal {cfg.goal:g} must be 1 or more and above 0")
+    if cfg.resume or cfg.stop_after or cfg.profile:
+        raise UserError("wholerun times whole runs from a fresh start: drop --resume, --stop-after and --profile")
+    for side in wholerun_sides(cfg, cfg.weights):  # at once, not after the first runs
+        for repeat in range(1, cfg.repeats + 1):
+            check_run_dir_is_free(side.out(cfg, repeat), cfg)
+    return cfg
+
+
+@dataclass
+class Side:
+    """One side of the comparison: its name, the script that runs it and its options."""
+    name: str
+    script: str
+    options: list[str]
+
+    def out(self, cfg, repeat: int) -> Path:
+        return cfg.out / f"{self.name}-{repeat}"
+
+    def command(self, cfg, repeat: int) -> list[str]:
+        extra = ["--overwrite"] if cfg.overwrite else []
+        return [sys.executable, str(Path(__file__).with_name(self.script)), *self.options,
+                "--out", str(self.out(cfg, repeat)), *extra]
+
+
+def run_options(cfg, weights: str) -> list[str]:
+    """The train.py options of a configuration (as benchmark.py train reads them)."""
+    values = [f"--{key.replace('_', '-')}={getattr(cfg, key)}" for key in RUN_OPTIONS]
+    flags = [flag for flag, on in [("--augment", cfg.augment), ("--no-shuffle", cfg.no_shuffle)] if on]
+    return [*values, f"--weights={weights}", *shlex.split(reproduce(cfg)), *flags]
+
+
+def wholerun_sides(cfg, weights: str) -> list[Side]:
+    original = row_config(cfg, {**ORIGINAL, "finetune": cfg.finetune}, BenchmarkRuntime(torch.device("cpu")))
+    original.workers = ORIGINAL_WORKERS  # train.py caps them to the CPUs, and its thread rule counts them
+    return [Side("original", "benchmark.py", ["train", *run_options(original, weights)]),
+            Side("given", "train.py", run_options(cfg, weights))]
+
+
+def random_weights(cfg) -> str:
+    """A random backbone saved once to a file in --out (the seed's), loaded by both sides as ImageNet's would be."""
+    path = cfg.out / f"random-{cfg.arch}-seed{cfg.seed}.pth"
+    if not path.is_file():
+        torch.manual_seed(cfg.seed)
+        backbone = ARCHITECTURES[cfg.arch][0](weights=None)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: torch.save(backbone.state_dict(), tmp))
+    return str(path)
+
+
+def timed_run(side: Side, cfg, repeat: int) -> dict:
+    """One whole run in a new process: seconds from its start to its exit, and its header's thread line."""
+    command, log = side.command(cfg, repeat), cfg.out / f"{side.name}-{repeat}.log"
+    print(f"{side.name} {repeat}/{cfg.repeats}: {shlex.join(command[1:])} (output: {log})", flush=True)
+    with open(log, "w") as output:
+        started = time.perf_counter()
+        done = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT)
+        seconds = time.perf_counter() - started
+    lines = log.read_text(errors="replace").splitlines()
+    if done.returncode != 0:
+        last = lines[-1] if lines else "no output"
+        raise UserError(f"the {side.name} run failed (exit {done.returncode}: {last}); its output is in {log}")
+    threads = next((part.strip() for line in lines if line.startswith("processes ")
+                    for part in line.split("|") if part.strip().startswith("threads")), "unknown")
+    print(f"  {seconds:.1f} s, {threads}", flush=True)
+    return {"seconds": seconds, "threads": threads, "run": str(side.out(cfg, repeat)), "log": str(log)}
+
+
+def judge_speedup(original: list[float], given: list[float], goal: float) -> dict:
+    """The speed-up of each pair of runs (original seconds over given seconds), its spread, and the goal's verdict."""
+    ratios = Spread.of([o / g for o, g in zip(original, given)])
+    verdict = ("met beyond noise" if ratios.min >= goal else "not met" if ratios.max < goal
+               else "within noise of the goal")
+    return {"speedup": asdict(ratios), "goal": goal, "verdict": verdict,
+            "original_seconds": asdict(Spread.of(original)), "given_seconds": asdict(Spread.of(given))}
+
+
+def wholerun_main(argv: list[str]) -> int:
+    cfg = wholerun_config(argv)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    weights = random_weights(cfg) if cfg.weights == "random" else cfg.weights
+    sides = wholerun_sides(cfg, weights)
+    runs = {side.name: [] for side in sides}
+    for repeat in range(1, cfg.repeats + 1):  # alternating, so that the machine's other work weighs on both alike
+        for side in sides:
+            runs[side.name].append(timed_run(side, cfg, repeat))
+    result = judge_speedup([r["seconds"] for r in runs["original"]], [r["seconds"] for r in runs["given"]], cfg.goal)
+    for side in sides:
+        print(f"{side.name:8s} {Spread.of([r['seconds'] for r in runs[side.name]]).text('s')}, "
+              f"{runs[side.name][0]['threads']}: {shlex.join(side.options)}")
+    print(f"speed-up {Spread(**result['speedup']).text('x', 2)}: the goal of {cfg.goal:g}x is {result['verdict']}")
+    path = cfg.json or cfg.out / "wholerun.json"
+    write_json(path, {"command": "python scripts/benchmark.py " + " ".join(map(shlex.quote, ["wholerun", *argv])),
+                      "machine": machine(BenchmarkRuntime(train.pick_device(cfg.device, log=lambda *a: None))),
+                      "sides": {side.name: {"command": side.options, "runs": runs[side.name]} for side in sides},
+                      **result})
+    print(f"results written to {path}")
+    sweep.gather([Path(r["run"]) for side in runs.values() for r in side], cfg.out / "time-to-accuracy.png")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["-h"], ["--help"]):
-        print("usage: benchmark.py {run,ladder,scaling} [options]\n")
+        print(f"usage: benchmark.py {{{','.join(COMMANDS)}}} [options]\n")
         print("\n".join(f"  {name:8s} {text}" for name, text in COMMANDS.items()))
         return 0
     if not argv or argv[0] not in COMMANDS:
@@ -965,6 +1349,12 @@ def main(argv: list[str] | None = None) -> int:
     command, options = argv[0], argv[1:]
     if command == "scaling":
         return scaling_main(options)
+    if command == "allreduce":
+        return allreduce_main(options)
+    if command == "wholerun":
+        return wholerun_main(options)
+    if command == "train":
+        return original_train_main(options)
     cfg = parse_config(command, options)
     rt = BenchmarkRuntime(device=train.pick_device(cfg.device))
     print(f"workers {cfg.workers} | {set_compute_threads(cfg.workers)}")  # the same rule as train.py

@@ -167,7 +167,10 @@ def run_row(sweep_file: Path, index: int, runs_dir: Path, train_args: list[str])
 #
 # Every run directory holds `config.json` and `metrics.jsonl`, so comparing runs needs no
 # database and no network: read them, print one row per run, and plot the validation
-# accuracy of each run per epoch. Choose between runs by `best_val_acc`; `test_acc` (from
+# accuracy of each run per epoch and against wall-clock time: **time to accuracy**, what
+# a faster configuration must improve (images/s that do not reach the accuracy sooner
+# gain nothing); `min_to_best` is the minutes until a run first reached its best
+# validation accuracy. Choose between runs by `best_val_acc`; `test_acc` (from
 # `summary.json`: the best model scored once on `test/` when the run finished) is the
 # figure to report, and choosing by it would make it as flattering as the validation
 # accuracy. When a run directory also holds `gpu.csv` (recorded by
@@ -207,8 +210,27 @@ def run_summary(run: Path) -> dict:
             "best_val_acc": max((m["val_acc"] for m in metrics), default=float("nan")),
             "test_acc": final.get("test_acc", float("nan")),  # best.pt on test/, once the run finished
             "images_per_sec": last.get("images_per_sec", float("nan")),
-            "minutes": sum(m["epoch_seconds"] for m in metrics) / 60, **cost_columns(final.get("cost")),
+            "minutes": sum(m["epoch_seconds"] for m in metrics) / 60, "min_to_best": minutes_to_best(metrics),
+            **cost_columns(final.get("cost")),
             "metrics": metrics}
+
+
+def accuracy_over_time(metrics: list[dict]) -> list[tuple[float, float]]:
+    """(seconds since the run began, val_acc) after each epoch: time to accuracy. `wall_seconds` counts from the
+    start of the run's preparation (data, model, cached features), earlier jobs included; records without it
+    (runs from before it was recorded) add up their epochs' `epoch_seconds`, which leave the preparation out."""
+    points, total = [], 0.0
+    for m in metrics:
+        total += m["epoch_seconds"]
+        points.append((m.get("wall_seconds", total), m["val_acc"]))
+    return points
+
+
+def minutes_to_best(metrics: list[dict]) -> float:
+    """Minutes until the run first reached its best validation accuracy."""
+    points = accuracy_over_time(metrics)
+    best = max((acc for _, acc in points), default=float("nan"))
+    return next((seconds / 60 for seconds, acc in points if acc == best), float("nan"))
 
 
 def cost_columns(cost: dict | None) -> dict:
@@ -222,7 +244,7 @@ def cost_columns(cost: dict | None) -> dict:
 
 def format_table(summaries: list[dict]) -> str:
     columns = ["run", "arch", "lr", "global_batch", "processes", "epochs", "val_acc", "best_val_acc", "test_acc",
-               "images_per_sec", "minutes", "device_h", "energy_kj"]
+               "images_per_sec", "minutes", "min_to_best", "device_h", "energy_kj"]
     cells = [[f"{s[c]:.4g}" if isinstance(s[c], float) else str(s[c]) for c in columns] for s in summaries]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
@@ -235,11 +257,14 @@ def plot_runs(summaries: list[dict], path: Path | None = None):
     if path is not None:
         matplotlib.use("Agg")  # a batch job has no display
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(11, 3.5), sharey=True)
     for s in summaries:
-        ax.plot([m["epoch"] for m in s["metrics"]], [m["val_acc"] for m in s["metrics"]], marker="o",
-                label=f"{s['run']} (lr {s['lr']:g}, batch {s['global_batch']})")
-    ax.set_xlabel("epoch"); ax.set_ylabel("validation accuracy"); ax.legend(fontsize=8)
+        label = f"{s['run']} (lr {s['lr']:g}, batch {s['global_batch']})"
+        by_epoch.plot([m["epoch"] for m in s["metrics"]], [m["val_acc"] for m in s["metrics"]], marker="o", label=label)
+        points = accuracy_over_time(s["metrics"])
+        by_time.plot([t / 60 for t, _ in points], [acc for _, acc in points], marker="o", label=label)
+    by_epoch.set_xlabel("epoch"); by_epoch.set_ylabel("validation accuracy"); by_epoch.legend(fontsize=8)
+    by_time.set_xlabel("wall-clock minutes since the run began (time to accuracy)"); by_time.set_xlim(left=0)
     fig.tight_layout()
     if path is not None:
         atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))

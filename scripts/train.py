@@ -664,6 +664,7 @@ class Training:
     def end_epoch(self, record: dict, seconds: float) -> None:
         """Record the epoch (lesson 4 writes it) and print its line."""
         record["epoch_seconds"] = seconds
+        record["wall_seconds"] = self.cost.spent()["wall_seconds"]  # since the run began, earlier jobs included
         if self.cfg.skip_bad_images:
             record["skipped_images"] = count_skipped(self.splits, self.device)
             self.log(f"skipped {record['skipped_images']} unreadable image(s) in epoch {record['epoch']} "

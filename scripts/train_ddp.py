@@ -26,7 +26,8 @@
 # - start DDP with `torchrun` or `srun`, and read what each rank prints;
 # - explain why DDP gives the same weights as one process with a batch *W* times larger;
 # - scale the learning rate to the global batch (linear or square-root rule, warm-up);
-# - count each validation image exactly once across processes.
+# - count each validation image exactly once across processes;
+# - measure what DDP communicates per step, frozen and fine-tuned, and how much of it hides.
 #
 # **Time:** about 20 minutes. All of it is core; the appendix is how this lesson finds
 # the DDP lines.
@@ -207,6 +208,28 @@ def is_ddp_test(test: ast.expr) -> bool:
 # Look at: the first four steps climb to the scaled rate (1e-3, 4e-3 or 2e-3), then the
 # cosine falls, one value per epoch.
 
+# %% [markdown]
+# ## What DDP sends in every step, and when
+#
+# Every step, each process all-reduces the gradients of the parameters that train (4
+# bytes each in fp32): with a frozen backbone the head's alone, with `--finetune` every
+# layer's. DDP packs them into **buckets** of about 25 MB (`bucket_cap_mb`) and
+# all-reduces each bucket as soon as its gradients are ready, while the backward pass goes
+# on: communication can hide behind computation. Measured here, ResNet-18 with gloo:
+
+# %% tags=["active-ipynb"]
+# !{sys.executable} ../scripts/benchmark.py allreduce --arch resnet18 --classes 10 --image-size {image_size} \
+#     --batch-size 4 --processes {processes} --warmup 2 --steps 2 --repeats 3 --out {out_dir}-allreduce
+
+# %% [markdown]
+# Look at: `all-reduced` (bytes per step, exact) and `buckets`, frozen against
+# fine-tuned; `no_sync ms` (forward and backward without communication) against `DDP ms`;
+# their difference `added` against `all-reduce alone`: `hidden` is the share the overlap
+# hid, unless the repeats are `within noise`. Try `--bucket-cap-mb` and
+# `--gradient-as-bucket-view` (gradients kept in the buckets: one copy fewer). On CPUs
+# gloo reduces on the cores that also compute the backward pass; `docs/performance.md`
+# has ResNet-152's figures (on CPUs with gloo; GPUs with nccl are not measured yet).
+
 # %% [markdown] slideshow={"slide_type": "slide"}
 # ## Launchers: `srun` or `torchrun`
 #
@@ -266,18 +289,31 @@ def is_ddp_test(test: ast.expr) -> bool:
 # ```
 # </details>
 #
-# **Discuss:** with a frozen backbone, DDP averages the gradients of the head only (about
-# 1 million numbers for 525 classes); with `--finetune`, of all 60 million. What does that
-# change for how well training scales to more GPUs?
+# **3.** The course's model is a ResNet-152 (2048 features) with a head for 525 classes.
+# How many megabytes (10**6 bytes) does each DDP process all-reduce per step in fp32,
+# with the backbone frozen and with `--finetune`?
+
+# %% tags=["active-ipynb"]
+# allreduce_mb = None  # your answer: (frozen, fine-tuned), in MB
+
+# %% tags=["active-ipynb"]
+# from model import BirdClassifier, count_parameters
+# expected = [count_parameters(BirdClassifier("resnet152", 525, freeze))[1] * 4 / 1e6 for freeze in (True, False)]
+# answers = list(allreduce_mb) if isinstance(allreduce_mb, (tuple, list)) and len(allreduce_mb) == 2 else [None] * 2
+# if all(isinstance(a, (int, float)) and abs(a - e) <= 0.01 * e for a, e in zip(answers, expected)):
+#     print(f"Correct: {expected[0]:.2f} MB and {expected[1]:.0f} MB, {expected[1] / expected[0]:.0f} times as much.")
+# else:
+#     print("Not yet. Hint: the head is nn.Linear(2048, 525) with a bias; count_parameters(model) in model.py "
+#           "counts every parameter of BirdClassifier('resnet152', 525, freeze_backbone=False); 4 bytes each.")
+
+# %% [markdown]
+# <details><summary>Solution</summary>
 #
-# <details><summary>Model answer</summary>
-#
-# Every step, each process sends and receives about as many numbers as the model has
-# trainable parameters. A head of 1 M parameters (4 MB in fp32) is exchanged in well under
-# a millisecond on NVLink or InfiniBand, so a frozen backbone scales almost perfectly;
-# 60 M parameters (240 MB) take milliseconds per step and must overlap with the backward
-# pass to stay hidden, which DDP does by sending gradients in buckets as soon as they are
-# ready. Fine-tuning therefore shows the real cost of communication.
+# ```python
+# from model import BirdClassifier, count_parameters
+# frozen_mb = (2048 * 525 + 525) * 4 / 1e6  # the head's weights and biases
+# allreduce_mb = (frozen_mb, count_parameters(BirdClassifier("resnet152", 525, freeze_backbone=False))[0] * 4 / 1e6)
+# ```
 # </details>
 #
 # ## Appendix: the old command

@@ -187,6 +187,8 @@ SLOW = {
     "tests/test_train.py::test_a_training_notebook_runs_a_second_time_into_the_same_folder",  # two notebook runs
     "tests/test_parallel.py::test_rank_0_decides_whether_to_resume_for_every_rank",  # DDP runs of 2 processes
     "tests/test_benchmark.py::test_the_ladder_reports_every_row_with_its_ratios",  # every row, fine-tuning too
+    "tests/test_benchmark.py::test_allreduce_counts_the_bytes_and_buckets_of_frozen_and_finetuned_ddp",  # 2 gloo processes
+    "tests/test_benchmark.py::test_wholerun_times_both_configurations_from_start_to_exit",  # two train.py processes
     # 7-12 s each on 2 cores: several training runs, or scripts started in new processes
     "tests/test_train.py::test_the_gradient_scaler_runs_only_with_fp16",
     "tests/test_train.py::test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one",

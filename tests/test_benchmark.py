@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import matplotlib
@@ -11,6 +12,7 @@ import torch
 
 import benchmark
 import data
+import resilience
 import sweep
 import speed
 import train
@@ -285,3 +287,101 @@ def test_the_original_row_loads_data_as_the_original_did(tiny_data, monkeypatch)
     assert loader.batch_sampler.drop_last and len(loader) == 16 // 8
     monkeypatch.setattr(benchmark, "available_cpus", lambda: 32)
     assert benchmark.benchmark_loader(images, cfg).num_workers == 12
+
+
+# --- what DDP communicates (benchmark.py allreduce) ---------------------------------------------------
+
+def test_allreduce_counts_the_bytes_and_buckets_of_frozen_and_finetuned_ddp(tmp_path, capsys):
+    """2 gloo processes: exactly the trainable parameters' bytes, all of them in DDP's buckets of about the cap."""
+    assert benchmark.main(["allreduce", "--arch", "resnet18", "--classes", "6", "--image-size", "16", "--batch-size",
+                           "2", "--processes", "2", "--warmup", "2", "--steps", "1", "--repeats", "2",
+                           "--bucket-cap-mb", "5", "--out", str(tmp_path)]) == 0
+    rows = {r["case"]: r for r in json.loads((tmp_path / "allreduce.json").read_text())["rows"]}
+    model = benchmark.BirdClassifier("resnet18", 6, freeze_backbone=False)
+    expected = {"frozen": 512 * 6 + 6, "finetune": sum(p.numel() for p in model.parameters())}
+    for case, row in rows.items():
+        assert (row["processes"], row["backend"]) == (2, "gloo")
+        assert (row["trainable_parameters"], row["allreduce_bytes"]) == (expected[case], 4 * expected[case])
+        assert sum(row["bucket_bytes"]) == row["allreduce_bytes"]  # every gradient in exactly one bucket
+        for key in ("seconds_no_sync", "seconds_ddp", "seconds_allreduce_alone"):
+            assert 0 <= row[key]["min"] <= row[key]["median"] <= row[key]["max"], (key, row)
+        assert row["added_seconds"] == pytest.approx(row["seconds_ddp"]["median"] - row["seconds_no_sync"]["median"])
+    largest = max(p.numel() * 4 for p in model.parameters())  # a bucket closes after the tensor that passes the cap
+    assert len(rows["frozen"]["bucket_bytes"]) == 1 and len(rows["finetune"]["bucket_bytes"]) >= 3
+    assert max(rows["finetune"]["bucket_bytes"]) < 5 * 2**20 + largest
+    out = capsys.readouterr().out
+    assert "measuring 2 process(es): gloo" in out and "0.0123 MB" in out and "44.7 MB" in out
+
+
+def test_communication_cost_is_claimed_only_beyond_the_noise(capsys):
+    def row(ddp, local, alone):
+        return {"processes": 2, "case": "finetune", "trainable_parameters": 10, "allreduce_bytes": 40,
+                "bucket_bytes": [40], **{key: {"min": m - h, "median": m, "max": m + h} for key, (m, h) in
+                                         zip(["seconds_ddp", "seconds_no_sync", "seconds_allreduce_alone"],
+                                             [ddp, local, alone])}}
+    beyond = benchmark.add_communication_cost(row((0.120, 0.005), (0.100, 0.005), (0.040, 0.001)))
+    assert (beyond["added_seconds"], beyond["hidden"], beyond["note"]) == (pytest.approx(0.020), pytest.approx(0.5), "")
+    overlapping = benchmark.add_communication_cost(row((0.108, 0.005), (0.100, 0.005), (0.040, 0.001)))
+    assert overlapping["hidden"] is None and overlapping["note"].startswith("within noise")
+    header, *lines = [re.split(r"\s{2,}", line) for line in benchmark.allreduce_table([beyond, overlapping]).splitlines()]
+    hidden = header.index("hidden")
+    assert (lines[0][hidden], lines[1][hidden]) == ("50%", "-") and lines[0][header.index("added ms")] == "20.0"
+    err = one_line_exit_2(benchmark.main, ["allreduce", "--processes", "2", "--backend", "nccl"], capsys)
+    assert "--backend nccl needs a GPU per process: 0 visible" in err
+    assert "every count must be 1 or more" in one_line_exit_2(benchmark.main, ["allreduce", "--processes", "0"], capsys)
+
+
+# --- whole runs, process start to exit (benchmark.py wholerun) ------------------------------------------
+
+def test_the_original_switches_reach_what_train_prepares(tiny_data, standin_weights):
+    """No normalisation, the original's loader in training only, the frozen backbone in training mode; then undone."""
+    sampler_of = lambda split: resilience.ResumableSampler(split, num_replicas=1, rank=0, shuffle=True, seed=0)
+    with benchmark.original_switches(normalize=False, backbone_eval=False, original_loader=True):
+        split = train.load_splits(tiny_data, 32, splits=("train",))["train"]
+        training = train.make_loader(split, 8, 1, sampler=sampler_of(split))
+        validation = train.make_loader(split, 8, 1, sampler=data.ShardSampler(len(split)))
+        model = train.build_model("resnet18", 6, str(standin_weights)).train()
+    assert split[0][0].min() >= 0  # ToTensor() only: no pixel below the ImageNet mean turns negative
+    assert (training.pin_memory, training.persistent_workers, training.prefetch_factor) == (False, False, 2)
+    assert training.batch_sampler.drop_last and not validation.batch_sampler.drop_last
+    assert model.freeze_backbone and model.backbone.training  # model.train() reached the frozen backbone
+    assert train.make_loader is data.make_loader and train.load_splits is data.load_splits
+    split = train.load_splits(tiny_data, 32, splits=("train",))["train"]
+    assert split[0][0].min() < 0 and not train.build_model("resnet18", 6, str(standin_weights)).train().backbone.training
+
+
+def test_a_speedup_meets_its_goal_only_beyond_the_noise():
+    met = benchmark.judge_speedup([10.0, 12.0], [2.0, 2.0], 5)
+    assert met["speedup"] == {"min": 5.0, "median": 5.5, "max": 6.0} and met["verdict"] == "met beyond noise"
+    assert benchmark.judge_speedup([10.0, 8.0], [2.0, 2.0], 5)["verdict"] == "within noise of the goal"
+    assert benchmark.judge_speedup([8.0], [2.0], 5)["verdict"] == "not met"
+
+
+def test_wholerun_times_both_configurations_from_start_to_exit(tiny_data, tmp_path, capsys):
+    common = ["wholerun", "--data", str(tiny_data), "--arch", "resnet18", "--image-size", "32", "--batch-size", "8",
+              "--epochs", "1", "--repeats", "1", "--out", str(tmp_path)]
+    assert benchmark.main([*common, "--cache-features", "--workers", "0"]) == 0
+    result = json.loads((tmp_path / "wholerun.json").read_text())
+    original, given = (result["sides"][name]["runs"][0] for name in ("original", "given"))
+    assert result["speedup"]["median"] == pytest.approx(original["seconds"] / given["seconds"])
+    assert result["goal"] == 5 and result["verdict"] in ("met beyond noise", "not met", "within noise of the goal")
+    options = {name: json.loads((tmp_path / f"{name}-1" / "config.json").read_text())["options"]
+               for name in ("original", "given")}
+    assert (options["original"]["optimizer"], options["original"]["amp"], options["original"]["cache_features"],
+            options["original"]["workers"]) == ("adam", "off", False, min(12, data.available_cpus()))
+    assert options["given"]["cache_features"] and options["given"]["workers"] == 0
+    assert "--original-loader" in result["sides"]["original"]["command"]
+    assert original["threads"] == given["threads"] == "threads 1 (OMP_NUM_THREADS)"  # the same thread rule
+    metrics = train.read_metrics(tmp_path / "given-1")
+    assert metrics[0]["wall_seconds"] >= metrics[0]["epoch_seconds"]  # from the start: the cached features too
+    assert (tmp_path / "time-to-accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert "speed-up" in capsys.readouterr().out
+
+
+def test_wholerun_refuses_to_replace_earlier_runs_before_it_starts_any(tiny_data, tmp_path, capsys):
+    (tmp_path / "given-2").mkdir()
+    (tmp_path / "given-2" / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    err = one_line_exit_2(benchmark.main, ["wholerun", "--data", tiny_data, "--repeats", 2, "--out", tmp_path], capsys)
+    assert f"{tmp_path / 'given-2'} already holds a run" in err and not (tmp_path / "original-1").exists()
+    err = one_line_exit_2(benchmark.main, ["wholerun", "--data", tiny_data, "--resume", "--out", tmp_path], capsys)
+    assert "wholerun times whole runs from a fresh start" in err

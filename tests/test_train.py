@@ -64,6 +64,8 @@ def test_resume_continues_to_the_same_result(tiny_data, tmp_path):
     assert resumed["val_loss"] == straight["val_loss"] and resumed["val_acc"] == straight["val_acc"]
     lines = train.read_metrics(tmp_path / "resumed")
     assert [m["epoch"] for m in lines] == [1, 2, 3]
+    walls, epochs = [m["wall_seconds"] for m in lines], [m["epoch_seconds"] for m in lines]
+    assert walls[0] > epochs[0] and walls[2] - walls[1] > epochs[2]  # the preparation too, the first job's also
 
 
 def test_resume_refuses_a_checkpoint_of_another_architecture(tiny_data, tmp_path):
@@ -730,6 +732,24 @@ def test_gather_shows_the_device_hours_of_every_job_and_energy_only_for_a_run_of
     resumed = {**one, "total_device_hours": 1.25, "jobs": 3}  # the last job's energy is not the run's
     assert sweep.cost_columns(resumed) == {"device_h": 1.25, "energy_kj": "-"}
     assert sweep.cost_columns(None) == sweep.cost_columns({}) == {"device_h": "-", "energy_kj": "-"}
+
+
+def test_time_to_accuracy_is_plotted_from_the_recorded_epochs():
+    """Recorded runs: wall_seconds where train.py records it (test_resume_continues_to_the_same_result checks that
+    it does), the epochs' seconds added up in older runs."""
+    import sweep
+    recorded = [{"epoch": 1, "epoch_seconds": 50.0, "wall_seconds": 80.0, "val_acc": 0.5},
+                {"epoch": 2, "epoch_seconds": 50.0, "wall_seconds": 130.0, "val_acc": 0.75},
+                {"epoch": 3, "epoch_seconds": 50.0, "wall_seconds": 180.0, "val_acc": 0.75}]
+    older = [{k: v for k, v in m.items() if k != "wall_seconds"} for m in recorded]  # before wall_seconds existed
+    assert sweep.accuracy_over_time(recorded) == [(80.0, 0.5), (130.0, 0.75), (180.0, 0.75)]
+    assert sweep.accuracy_over_time(older) == [(50.0, 0.5), (100.0, 0.75), (150.0, 0.75)]
+    assert sweep.minutes_to_best(recorded) == 130 / 60  # the first epoch at the best accuracy
+    runs = [{"run": name, "lr": 1e-3, "global_batch": 8, "metrics": metrics}
+            for name, metrics in [("new", recorded), ("old", older)]]
+    by_time = sweep.plot_runs(runs).axes[1]
+    assert [list(line.get_xdata()) for line in by_time.get_lines()] == [[80 / 60, 130 / 60, 3.0], [50 / 60, 100 / 60, 2.5]]
+    assert [list(line.get_ydata()) for line in by_time.get_lines()] == [[0.5, 0.75, 0.75]] * 2
 
 
 def test_gpu_energy_integrates_the_power_draw_of_every_gpu_and_is_none_without_a_reading(monkeypatch):

@@ -67,6 +67,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.data import DistributedSampler
 
 from data import UserError, atomic_write, rank_indices
@@ -173,6 +174,42 @@ def trained_state(model: nn.Module) -> dict:
     """The model's state without its frozen parameters, which training never changes."""
     frozen = frozen_names(model)
     return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
+# %% [markdown]
+# With `--fsdp` (lesson 7) each rank holds only a shard of every parameter and of its
+# optimizer state (a `DTensor`). A checkpoint still holds whole tensors, the same file
+# as DDP writes: gathering them is a collective, so every rank builds the checkpoint and
+# rank 0 writes it; loading cuts each whole tensor back to this rank's shard.
+
+# %% jupyter={"source_hidden": true}
+def whole(obj):
+    """`obj` (a state dict, an optimizer's, nested) with every FSDP shard gathered into its whole tensor, on the
+    CPU of rank 0; other ranks get None in its place. A collective under FSDP (every rank calls it); without
+    FSDP, the same tensors."""
+    if isinstance(obj, DTensor):
+        gathered = obj.full_tensor()
+        return gathered.cpu() if is_rank0() else None
+    if isinstance(obj, dict):
+        return {key: whole(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [whole(value) for value in obj]
+    return obj
+
+
+def shard_like(value, reference):
+    """`value` cut to this rank's shard when `reference` is an FSDP shard (a DTensor) of a tensor of its shape;
+    every rank holds the whole checkpoint, so each takes its own part without communication."""
+    if isinstance(reference, DTensor) and torch.is_tensor(value) and value.shape == reference.shape:
+        return distribute_tensor(value, reference.device_mesh, reference.placements, src_data_rank=None)
+    return value
+
+
+def optimizer_shards(optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """An optimizer's whole state dict cut to the shards of its parameters (a no-op without FSDP)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the state dict's numbering
+    return {**state, "state": {index: {key: shard_like(value, params[index]) for key, value in values.items()}
+                               for index, values in state["state"].items()}}
 
 
 def rng_state() -> dict:
@@ -650,16 +687,22 @@ def frozen_digest(model: nn.Module) -> str | None:
     return digest.hexdigest()[:16]
 
 
+MODEL_KEYS = ("arch", "classes", "finetune", "weights", "frozen_weights_hash", "model")  # what rebuilds the model
+
+
 def model_record(model: nn.Module, cfg, classes: list[str], frozen_weights_hash: str | None) -> dict:
-    """What best.pt and last.pt hold to rebuild the model: its kind, its classes, and what training changed."""
+    """What best.pt and last.pt hold to rebuild the model: its kind, its classes, and what training changed
+    (whole tensors: under FSDP every rank calls this)."""
     weights = cfg.weights if cfg.weights in ("imagenet", "none") else str(Path(cfg.weights).resolve())
     return {"arch": cfg.arch, "classes": classes, "finetune": cfg.finetune, "weights": weights,
-            "frozen_weights_hash": frozen_weights_hash, "model": trained_state(model)}
+            "frozen_weights_hash": frozen_weights_hash, "model": whole(trained_state(model))}
 
 
 def load_state_into(model: nn.Module, record: dict, path: Path) -> None:
     """Load the stored state; the parameters it leaves out must be exactly the frozen ones."""
-    result = model.load_state_dict(record["model"], strict=False)
+    own = model.state_dict()
+    result = model.load_state_dict({key: shard_like(value, own.get(key)) for key, value in record["model"].items()},
+                                   strict=False)
     if result.unexpected_keys or set(result.missing_keys) != frozen_names(model):
         raise UserError(f"{path} does not fit this model ({len(result.missing_keys)} tensors missing, "
                         f"{len(result.unexpected_keys)} unexpected): use the --arch and --weights it was written with")
@@ -672,7 +715,7 @@ def load_trained_model(path: Path, weights: str | None = None) -> tuple[nn.Modul
     `weights` when that file has moved (the hash must match).
     """
     path = Path(path)
-    record = read_checkpoint_file(path, ("arch", "classes", "finetune", "weights", "frozen_weights_hash", "model"))
+    record = read_checkpoint_file(path, MODEL_KEYS)
     source = (weights or record["weights"]) if record["frozen_weights_hash"] else "none"  # all stored: none frozen
     model = build_model(record["arch"], len(record["classes"]), source, record["finetune"], log=lambda *a: None)
     if frozen_digest(model) != record["frozen_weights_hash"]:
@@ -811,13 +854,13 @@ class Run:
                                   if cfg.resume and (out / "last.pt").exists() else None)
             if checkpoint:
                 run.restore(checkpoint)
-            del checkpoint  # its tensors are in the model and the optimizer now
             if is_rank0():
                 write_json(out / "config.json", config)
                 write_metrics(out, run.state.metrics)  # the lines a kill lost come back; those of epochs to redo go
-                run.repair_best()
+                run.repair_best(checkpoint)
                 if cfg.wandb != "off":
                     run.wandb = start_wandb(cfg, out, config)
+            del checkpoint  # its tensors are in the model and the optimizer now
         except BaseException:
             run.finish()  # unlock the run directory
             raise
@@ -825,7 +868,7 @@ class Run:
 
     def restore(self, checkpoint: dict) -> None:
         load_state_into(self.model, checkpoint, self.out / "last.pt")
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.optimizer.load_state_dict(optimizer_shards(self.optimizer, checkpoint["optimizer"]))
         for group in self.optimizer.param_groups:
             group["weight_decay"] = self.cfg.weight_decay  # a new --weight-decay applies; the lr is set every epoch
         if self.scaler.is_enabled() and checkpoint["scaler"]:  # fp16 on both sides: bf16 and fp32 have no scaler state
@@ -855,8 +898,9 @@ class Run:
 
     def checkpoint(self, epochs_done: int, rng: dict, partial: dict | None = None) -> dict:
         s = self.state
-        return {**self.model_record(), "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "epoch": epochs_done, "partial": partial, "best_val_acc": s.best_val_acc, "best_epoch": s.best_epoch,
+        return {**self.model_record(), "optimizer": whole(self.optimizer.state_dict()),
+                "scaler": self.scaler.state_dict(), "epoch": epochs_done, "partial": partial,
+                "best_val_acc": s.best_val_acc, "best_epoch": s.best_epoch,
                 "rng": rng, "settings": self.settings, "metrics": s.metrics,
                 "spent": self.cost_meter.spent() if self.cost_meter else s.spent}
 
@@ -869,33 +913,37 @@ class Run:
         if is_best:
             s.best_val_acc, s.best_epoch = record["val_acc"], record["epoch"]
         s.epoch, s.metrics = record["epoch"], [*s.metrics, record]
+        last = self.checkpoint(s.epoch, rng_state())  # on every rank: under FSDP, gathering the shards is a collective
         if is_rank0():
-            save_checkpoint(self.out / "last.pt", self.checkpoint(s.epoch, rng_state()))
+            save_checkpoint(self.out / "last.pt", last)
             if is_best:
-                self.save_best()
+                self.save_best(last)
             append_metrics(self.out, record)
             if self.wandb:
                 self.wandb.log(record, step=record["epoch"])
         barrier(self.device)
 
-    def save_best(self) -> None:
+    def save_best(self, last: dict) -> None:
+        """best.pt: the model of `last` (what last.pt holds), with the best epoch and its accuracy."""
         s = self.state
-        save_checkpoint(self.out / "best.pt", {**self.model_record(), "epoch": s.best_epoch, "val_acc": s.best_val_acc})
+        save_checkpoint(self.out / "best.pt", {**{key: last[key] for key in MODEL_KEYS}, "epoch": s.best_epoch,
+                                               "val_acc": s.best_val_acc})
 
-    def repair_best(self) -> None:
-        """After a kill between writing last.pt and best.pt: the resumed model is then the best one."""
+    def repair_best(self, checkpoint: dict | None) -> None:
+        """After a kill between writing last.pt and best.pt: the resumed model (`checkpoint`'s) is then the best one."""
         s = self.state
         if s.partial or s.epoch == 0 or s.best_epoch != s.epoch:
             return
         with contextlib.suppress(Exception):  # a missing or broken best.pt is rewritten
             if torch.load(self.out / "best.pt", map_location="cpu", weights_only=True).get("epoch") == s.best_epoch:
                 return
-        self.save_best()
+        self.save_best(checkpoint)
 
     def stop(self, epoch: int, reason: str, position: dict | None = None) -> dict:
         """Checkpoint (rank 0; mid-epoch when `position` says where), wait until it is on disk, requeue on SIGUSR1."""
-        if is_rank0() and position:
-            save_checkpoint(self.out / "last.pt", self.checkpoint(epoch, self.epoch_rng, position))
+        last = self.checkpoint(epoch, self.epoch_rng, position) if position else None  # every rank: FSDP gathers
+        if is_rank0() and last:
+            save_checkpoint(self.out / "last.pt", last)
         barrier(self.device)
         cost = {"cost": self.cost_meter.measure()} if self.cost_meter else {}  # every rank: a collective under DDP
         where = f"epoch {epoch + 1} step {position['step'] if position else 0}"

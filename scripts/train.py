@@ -74,7 +74,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from data import (ShardSampler, UserError, available_cpus, available_splits, data_order, default_num_workers, load_splits,
                   make_loader, run_cli, set_compute_threads)
@@ -393,6 +395,8 @@ def prepare(cfg, rank: int, world_size: int, device: torch.device, log) -> Train
     random.seed(cfg.seed)
     model = build_model(cfg.arch, len(splits["train"].classes), cfg.weights, cfg.finetune, log=log)
     model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    if cfg.fsdp:  # shard before the optimizer is built: it must hold the shards, not the whole parameters
+        shard_model(model, rank)
     dtype = pick_precision(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     optimizer = build_optimizer(cfg, model)
@@ -419,7 +423,29 @@ def build_loaders(cfg, splits: dict, rank: int, world_size: int):
 
 def eval_loader(cfg, dataset, rank: int, world_size: int):
     """Validation and test: every image on exactly one rank, in a fixed order."""
-    return make_loader(dataset, cfg.batch_size, cfg.workers, sampler=ShardSampler(len(dataset), rank, world_size))
+    loader = make_loader(dataset, cfg.batch_size, cfg.workers, sampler=ShardSampler(len(dataset), rank, world_size))
+    if cfg.fsdp:  # FSDP's forward is a collective: every rank must take as many steps as the others
+        return EvenSteps(loader, math.ceil(math.ceil(len(dataset) / world_size) / cfg.batch_size))
+    return loader
+
+
+# %% jupyter={"source_hidden": true}
+class EvenSteps:
+    """A loader's batches, then empty ones up to `steps`: under FSDP a rank with fewer images still joins
+    every forward pass of the others (it gathers its share of each layer's parameters for them)."""
+
+    def __init__(self, loader, steps: int):
+        self.loader, self.steps = loader, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        images, labels = None, None
+        for images, labels in self.loader:
+            yield images, labels
+        for _ in range(self.steps - len(self.loader)):
+            yield images[:0], labels[:0]
 
 
 # %% [markdown]
@@ -429,8 +455,8 @@ def eval_loader(cfg, dataset, rank: int, world_size: int):
 
 # %%
 def wrap_model(model: nn.Module, cfg, ddp: bool, device: torch.device, log=print) -> nn.Module:
-    """The model as the training loop calls it."""
-    if ddp:
+    """The model as the training loop calls it (with --fsdp, `prepare` sharded it already)."""
+    if ddp and not cfg.fsdp:
         if cfg.sync_bn and device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm statistics over the global batch
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -442,6 +468,26 @@ def wrap_model(model: nn.Module, cfg, ddp: bool, device: torch.device, log=print
             log(f"DataParallel over {gpus} GPUs: {cfg.batch_size // gpus} images per GPU per step")
             model = nn.DataParallel(model)
     return torch.compile(model) if cfg.compile else model
+
+
+# %% jupyter={"source_hidden": true}
+def shard_model(model: nn.Module, rank: int | None = None) -> None:
+    """FSDP: every residual block a unit of its own, whose whole parameters exist only while it computes;
+    the stem and the head in the root's unit. Each process keeps 1/W of every parameter (and says so,
+    given its rank)."""
+    for module in model.modules():
+        if isinstance(module, (BasicBlock, Bottleneck)):
+            fully_shard(module)
+    fully_shard(model)
+    if rank is not None:  # one write per line: the ranks share a terminal
+        sys.stdout.write(f"rank {rank} keeps {parameter_bytes(model, local=True):,} of {parameter_bytes(model):,} "
+                         "parameter bytes (fsdp)\n")
+
+
+def parameter_bytes(model: nn.Module, local: bool = False) -> int:
+    """The bytes of the model's parameters: all of them, or (local, under FSDP) this process's shards."""
+    tensors = [p.to_local() if local and hasattr(p, "to_local") else p for p in model.parameters()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 # %% [markdown] slideshow={"slide_type": "slide"}
@@ -1223,6 +1269,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nn.DataParallel over every visible GPU; --batch-size is then the global batch")
     g.add_argument("--sync-bn", action="store_true",
                    help="DDP: SyncBatchNorm, BatchNorm statistics over the global batch (GPUs only)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="DDP's processes, but each keeps 1/W of the parameters, gradients and optimizer state "
+                        "(fully sharded data parallel; needs every layer to train: --finetune)")
     g.add_argument("--dist-timeout", type=float, default=600,
                    help="DDP: seconds a collective waits for a missing rank before failing")
     g = p.add_argument_group("speed (lesson 8)")
@@ -1279,10 +1328,16 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
     conflicts = {("cache_features", "finetune"): "--cache-features needs a frozen backbone: drop --finetune",
                  ("cache_features", "augment"): "--cache-features computes each image's features once, "
                                                 "so random augmentation cannot work: drop --augment",
-                 ("gpu_decode", "augment"): "--gpu-decode does not augment: drop --augment or --gpu-decode"}
+                 ("gpu_decode", "augment"): "--gpu-decode does not augment: drop --augment or --gpu-decode",
+                 ("fsdp", "data_parallel"): "--fsdp and --data-parallel are two ways to use several GPUs: choose one"}
     for (option, other), message in conflicts.items():
         if getattr(cfg, option) and getattr(cfg, other):
             raise UserError(message)
+    if cfg.fsdp and not cfg.finetune and cfg.weights != "none":
+        raise UserError("--fsdp shards what trains, and a frozen backbone leaves only the head's gradients and "
+                        "optimizer state, which DDP holds easily: add --finetune, or drop --fsdp")
+    if cfg.fsdp and detect_launch().launcher == "python":
+        raise UserError("--fsdp shares the model out between processes: start them with torchrun or srun (lesson 7)")
     if cfg.cache_features and cfg.weights == "none":
         raise UserError("--cache-features needs a frozen pretrained backbone, and with --weights none every layer trains")
     if cfg.workers is None:

@@ -28,9 +28,10 @@
 # - scale the learning rate to the global batch (linear or square-root rule, warm-up);
 # - count each validation image exactly once across processes;
 # - measure what DDP communicates per step, frozen and fine-tuned, and how much of it hides.
+# - (optional) choose between DDP and fully sharded data parallel by memory.
 #
-# **Time:** about 20 minutes. All of it is core; the appendix is how this lesson finds
-# the DDP lines.
+# **Time:** about 20 minutes of core, and about 10 more for the optional FSDP section;
+# the appendix is how this lesson finds the DDP lines.
 #
 # ```bash
 # torchrun --nproc-per-node 4 scripts/train.py --data ...     # one node, 4 GPUs
@@ -45,6 +46,7 @@
 # batch_size = 16  # per process
 # processes = 2
 # out_dir = "../runs/notebook-ddp"
+# memory_image_size = 224  # the FSDP section measures activations of one image this large
 
 # %% tags=["active-ipynb"]
 # # The notebooks import each other's code from their exports in ../scripts.
@@ -55,15 +57,26 @@
 from __future__ import annotations
 
 import ast
+import ctypes
+import resource
+import sys
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from model import build_model, count_parameters
 
 SCRIPTS = Path(__file__).resolve().parent if "__file__" in globals() else Path("../scripts").resolve()
 
 
 # How this lesson finds the DDP lines (also used by tests/test_lessons.py): every `if ddp:` block of a
-# script, with the function it is in.
-def ddp_blocks(script: Path) -> list[tuple[str, int, str]]:
-    """(function, first line, source) of every `if ddp` block of a script."""
+# script, with the function it is in (and the FSDP section's `if cfg.fsdp:` blocks).
+def ddp_blocks(script: Path, flag: str = "ddp") -> list[tuple[str, int, str]]:
+    """(function, first line, source) of every `if ddp` block of a script (`if flag`, `if cfg.flag`)."""
     source = Path(script).read_text()
     lines = source.splitlines()
     found = []
@@ -71,7 +84,7 @@ def ddp_blocks(script: Path) -> list[tuple[str, int, str]]:
     def visit(node, function: str) -> None:
         for child in ast.iter_child_nodes(node):
             name = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
-            if isinstance(child, ast.If) and is_ddp_test(child.test):
+            if isinstance(child, ast.If) and tests_flag(child.test, flag):
                 end = child.body[-1].end_lineno  # the block itself, not an `else` after it
                 found.append((name, child.lineno, "\n".join(lines[child.lineno - 1:end])))
                 continue
@@ -81,11 +94,11 @@ def ddp_blocks(script: Path) -> list[tuple[str, int, str]]:
     return found
 
 
-def is_ddp_test(test: ast.expr) -> bool:
-    """`ddp`, or `ddp and ...`."""
+def tests_flag(test: ast.expr, flag: str) -> bool:
+    """`flag`, `something.flag`, or either `and ...`."""
     if isinstance(test, ast.BoolOp) and isinstance(test.op, ast.And):
         test = test.values[0]
-    return isinstance(test, ast.Name) and test.id == "ddp"
+    return (isinstance(test, ast.Name) and test.id == flag) or (isinstance(test, ast.Attribute) and test.attr == flag)
 
 
 # %% [markdown] slideshow={"slide_type": "slide"}
@@ -316,15 +329,187 @@ def is_ddp_test(test: ast.expr) -> bool:
 # ```
 # </details>
 #
-# ## Appendix: the old command
+# ## When the model does not fit: fully sharded data parallel (optional)
+#
+# DDP keeps the weights, gradients and optimizer state whole in every process. **Fully
+# sharded data parallel** (FSDP: PyTorch's `fully_shard`, ZeRO stage 3 of Rajbhandari et
+# al., 2020) keeps 1/W of each: the processes all-gather a block's weights before it
+# computes and reduce-scatter its gradients after. DDP's result, at 1.5 times its
+# communication (ZeRO, section 7). Per process, for our fine-tuning:
+
+# %% jupyter={"source_hidden": true}
+ADAM_STATES = 2  # Adam keeps two numbers per trained parameter: moving averages of the gradient and of its square
+
+
+def memory_per_process(model: nn.Module, processes: int, sharded: bool) -> dict[str, float]:
+    """Bytes one of `processes` processes holds for training `model` with Adam, from numel x element size.
+    DDP (not sharded) holds all of it, plus its all-reduce buckets: a second copy of the gradients (unless
+    gradient_as_bucket_view=True); FSDP holds 1/W, plus the largest residual block's whole weights and
+    gradient while it computes (about: the next block's weights may be on their way already)."""
+    total, trained = count_parameters(model)
+    size = next(model.parameters()).element_size()
+    share = processes if sharded else 1
+    largest_block = max((sum(p.numel() for p in block.parameters()) for block in model.modules()
+                         if isinstance(block, (BasicBlock, Bottleneck))), default=0)
+    return {"weights": total * size / share, "gradients": trained * size / share,
+            "Adam state": ADAM_STATES * trained * size / share, "DDP buckets": 0 if sharded else trained * size,
+            "block in use": 2 * largest_block * size if sharded else 0}
+
+
+def print_memory_table(model: nn.Module, processes: tuple[int, ...], image_size: int) -> None:
+    """memory_per_process in MB, for DDP and for FSDP on each number of processes; then the activations of
+    images of image_size, measured."""
+    columns = {"DDP": memory_per_process(model, 1, sharded=False)}
+    columns.update({f"FSDP W={w}": memory_per_process(model, w, sharded=True) for w in processes})
+    print(f"{'MB per process':16s}" + "".join(f"{name:>11s}" for name in columns))
+    for row in columns["DDP"]:
+        print(f"{row:16s}" + "".join(f"{column[row] / 1e6:11.0f}" for column in columns.values()))
+    print(f"{'total':16s}" + "".join(f"{sum(column.values()) / 1e6:11.0f}" for column in columns.values()))
+    per_image = activation_bytes(model, torch.randn(1, 3, image_size, image_size))
+    print(f"activations, measured: {per_image / 1e6:.0f} MB per {image_size} px image, "
+          f"{64 * per_image / 1e9:.1f} GB for --batch-size 64, with DDP and FSDP alike")
+
+
+def activation_bytes(model: nn.Module, images: torch.Tensor) -> int:
+    """The bytes one training forward pass keeps for the backward pass (each storage once, the weights not counted)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        model.train()(images)
+    return sum(kept.values())
+
+
+# %% tags=["active-ipynb"]
+# r152 = build_model("resnet152", 525, "none", finetune=True, log=lambda *a: None)
+# print_memory_table(r152, processes=(2, 4, 8), image_size=memory_image_size)
+
+# %% [markdown]
+# Look at: the training state shrinks as 1/W; the activations do not, and at batch 64
+# they are ten times the training state. So for ResNet-152 choose DDP: it fits any GPU
+# and communicates less. Choose FSDP when the training state (16 bytes per parameter
+# with fp32 Adam) does not fit. The appendix measures it on CPUs.
+#
+# **What changes in `train.py`**, the lines that run only with `--fsdp`:
+
+# %% tags=["active-ipynb"]
+# for function, first, text in ddp_blocks(SCRIPTS / "train.py", "fsdp"):
+#     print(f"--- {function}, line {first}")
+#     print(text)
+
+# %% [markdown]
+# Look at: the model is sharded **before** the optimizer is built, which must hold the
+# shards; every rank takes as many validation steps, as each forward pass gathers
+# weights from all ranks. Checkpoints gather the shards (`whole`, in `resilience.py`).
+# `tests/test_parallel.py` checks on CPUs with gloo that FSDP, stopped and resumed, ends
+# with DDP's weights. With `--fsdp`, this notebook's `torchrun` command prints:
+#
+# ```text
+# rank 0 keeps 22,363,284 of 44,726,568 parameter bytes (fsdp)
+# rank 1 keeps 22,363,284 of 44,726,568 parameter bytes (fsdp)
+# ```
+#
+# **4.** On how many FSDP processes does each hold less than 200 MB of training state
+# (the table's total) for ResNet-152 fine-tuning? Ask `memory_per_process`.
+
+# %% tags=["active-ipynb"]
+# fsdp_processes = None  # your answer: a number
+
+# %% tags=["active-ipynb"]
+# fewest = min(w for w in range(1, 65) if sum(memory_per_process(r152, w, True).values()) < 200e6)
+# print(f"Correct: {fewest} processes; DDP holds 1,184 MB in each, however many." if fsdp_processes == fewest
+#       else "Not yet. Hint: add up the values of memory_per_process(r152, w, sharded=True) for w = 2, 3, 4, ...")
+
+# %% [markdown]
+# <details><summary>Solution</summary>
+#
+# ```python
+# fsdp_processes = next(w for w in range(1, 65) if sum(memory_per_process(r152, w, True).values()) < 200e6)
+# ```
+# </details>
+#
+# ## Appendix: the old command, and measuring memory
 #
 # `python scripts/train_ddp.py` still works: it is `train.py`, which detects DDP from its
-# launcher.
+# launcher. `scripts/train_ddp.py memory` under `torchrun` trains the course's model,
+# fine-tuned, for a few steps on random images with DDP or (`--fsdp`) FSDP, and each rank
+# prints its peak resident memory: its training state and activations, without data
+# loading, validation or checkpoints. Measured on CPUs with gloo, 2 processes:
+#
+# ```text
+# $ torchrun --nproc-per-node 2 scripts/train_ddp.py memory --arch resnet152 --image-size 64 --batch-size 2
+# rank 0 ddp: peak resident memory 2027 MiB, 801 MiB before the model
+# rank 1 ddp: peak resident memory 2028 MiB, 801 MiB before the model
+# $ torchrun --nproc-per-node 2 scripts/train_ddp.py memory --arch resnet152 --image-size 64 --batch-size 2 --fsdp
+# rank 1 fsdp: peak resident memory 1363 MiB, 801 MiB before the model
+# rank 0 fsdp: peak resident memory 1361 MiB, 801 MiB before the model
+# ```
+#
+# Above PyTorch's own 801 MiB, that is 1,226 MiB per process with DDP and 560 MiB with
+# FSDP, close to what the table predicts: 1,130 and 498 MiB of training state (1,184 and
+# 522 MB), plus 29 MiB of activations (`activation_bytes` of 2 images of 64 px). The
+# command sets glibc's mmap threshold so that freed blocks leave the process at once:
+# without it the FSDP processes peaked at 1,799 and 1,922 MiB, memory freed but kept for
+# reuse. No GPU was available: GPU memory (`torch.cuda.max_memory_allocated`, in
+# `peak_device_memory_mb` of a run's summary) was not measured.
 
 # %%
+BIRD_CLASSES = 525
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["memory"]:
+        return measure_memory(argv[1:])
     import train  # train.py imports nothing from here
     return train.main(argv)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def return_freed_memory_at_once() -> None:
+    """glibc keeps large freed blocks for reuse once it has seen some freed: resident memory would then count
+    FSDP's gathered blocks long after they are gone. A fixed mmap threshold gives them back at once."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: measured as it is
+        pass
+
+
+def measure_memory(argv: list[str]) -> int:
+    """Each rank trains --max-steps steps (0: 3) of --arch, every layer, on random images of --image-size,
+    --batch-size per process, as DDP or (--fsdp) FSDP does, and prints its peak resident memory."""
+    import train
+    cfg = train.parse_args(["--weights", "none", "--finetune", "--workers", "0", *argv])
+    ddp, device = train.start_processes(cfg)
+    return_freed_memory_at_once()
+    before = peak_rss_mib()
+    model = build_model(cfg.arch, BIRD_CLASSES, "none", finetune=True, log=lambda *a: None).to(device)
+    if cfg.fsdp:  # parse_args made sure a launcher started this process
+        train.shard_model(model)
+    else:
+        model = train.wrap_model(model, cfg, ddp, device)
+    optimizer = train.build_optimizer(cfg, model)
+    for _ in range(cfg.max_steps or 3):
+        images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
+        labels = torch.randint(0, BIRD_CLASSES, (cfg.batch_size,), device=device)
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+    mode = "fsdp" if cfg.fsdp else "ddp" if ddp else "one process"
+    sys.stdout.write(f"rank {dist.get_rank() if ddp else 0} {mode}: peak resident memory {peak_rss_mib():.0f} MiB, "
+                     f"{before:.0f} MiB before the model\n")
+    if ddp:
+        dist.destroy_process_group()
+    return 0
 
 
 # %% tags=["active-py"]

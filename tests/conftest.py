@@ -186,6 +186,7 @@ SLOW = {
     "tests/test_parallel.py::test_ddp_scores_the_test_split_as_one_process_does_with_the_lr_of_its_global_batch",
     "tests/test_train.py::test_a_training_notebook_runs_a_second_time_into_the_same_folder",  # two notebook runs
     "tests/test_parallel.py::test_rank_0_decides_whether_to_resume_for_every_rank",  # DDP runs of 2 processes
+    "tests/test_parallel.py::test_fsdp_gives_ddps_weights_across_a_resume_and_keeps_half_the_parameters_per_rank",
     "tests/test_benchmark.py::test_the_ladder_reports_every_row_with_its_ratios",  # every row, fine-tuning too
     "tests/test_benchmark.py::test_allreduce_counts_the_bytes_and_buckets_of_frozen_and_finetuned_ddp",  # 2 gloo processes
     "tests/test_benchmark.py::test_wholerun_times_both_configurations_from_start_to_exit",  # two train.py processes

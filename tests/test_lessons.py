@@ -15,6 +15,7 @@ from conftest import ROOT, SCRIPTS, load_build_site
 from test_notebooks import NOTEBOOKS, notebook_names
 
 DDP_BUDGET = 40  # lines of train.py that run only under DDP (the anchor tutorial's diff: ~40)
+FSDP_BUDGET = 15  # lines of train.py that run only with --fsdp
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +103,12 @@ def test_what_ddp_adds_to_train_py_is_a_short_list():
     print(f"\n{len(blocks)} `if ddp` blocks, {lines} lines of train.py run only under DDP (budget {DDP_BUDGET})")
     assert {function for function, _, _ in blocks} >= {"start_processes", "fit", "wrap_model", "evaluate", "main"}
     assert 10 <= lines <= DDP_BUDGET
+
+
+def test_what_fsdp_changes_in_train_py_is_a_shorter_list():
+    import train_ddp
+    blocks = train_ddp.ddp_blocks(SCRIPTS / "train.py", "fsdp")
+    lines = sum(len(text.splitlines()) for _, _, text in blocks)
+    print(f"\n{len(blocks)} `if cfg.fsdp` blocks, {lines} lines of train.py run only with --fsdp (budget {FSDP_BUDGET})")
+    assert {function for function, _, _ in blocks} == {"parse_args", "prepare", "eval_loader"}
+    assert 5 <= lines <= FSDP_BUDGET

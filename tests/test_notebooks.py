@@ -29,7 +29,8 @@ def small_parameters(name: str, data_dir: Path, tmp: Path) -> dict:
         "speed": {**common, "batch_size": 8, "out_dir": str(tmp / "run")},
         "sweep": {**common, "epochs": 1, "sweep_file": str(ROOT / "slurm" / "sweep.csv"), "runs_dir": str(tmp / "runs")},
         "train_dp": {**common, "epochs": 1, "batch_size": 8, "workers": 0, "out_dir": str(tmp / "run")},
-        "train_ddp": {**common, "epochs": 1, "batch_size": 8, "processes": 2, "out_dir": str(tmp / "run")},
+        "train_ddp": {**common, "epochs": 1, "batch_size": 8, "processes": 2, "out_dir": str(tmp / "run"),
+                      "memory_image_size": 64},
         "benchmark": {**common, "arch": "resnet18", "batch_size": 8, "images": 16, "warmup": 1, "steps": 1,
                       "repeats": 1, "out_dir": str(tmp / "bench")},
     }[name]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -64,6 +65,66 @@ def test_ddp_ends_with_the_weights_of_one_process_with_the_global_batch(runs, st
     assert not torch.equal(single["head.weight"], initial["head.weight"]), "the head did not train"
     for key in single:
         assert torch.allclose(single[key], parallel[key], atol=1e-5), key
+
+
+def test_fsdp_gives_ddps_weights_across_a_resume_and_keeps_half_the_parameters_per_rank(odd_data, tmp_path):
+    """--fsdp with 2 processes, every layer training, stopped after epoch 1 and resumed: DDP's weights and Adam
+    state (its checkpoints hold whole tensors; the resume cuts them into shards again), and each rank keeps half
+    the parameter bytes. Batch 7 of 29 validation images: rank 0 takes 3 validation steps, rank 1 2 and an empty
+    one (without it, rank 0 would wait for rank 1's share of the weights until --dist-timeout)."""
+    def args(name: str, *extra) -> list:
+        return ["--data", odd_data, "--arch", "resnet18", "--weights", "none", "--image-size", 32, "--batch-size", 7,
+                "--workers", 0, "--epochs", 2, "--max-steps", 1, "--no-shuffle", "--amp", "off", "--dist-timeout", 60,
+                "--out", tmp_path / name, *extra]
+
+    runs = {"ddp": run_torchrun(2, "train.py", *args("ddp")),
+            "fsdp epoch 1": run_torchrun(2, "train.py", *args("fsdp", "--fsdp", "--stop-after", 1)),
+            "fsdp resumed": run_torchrun(2, "train.py", *args("fsdp", "--fsdp", "--resume"))}
+    for name, result in runs.items():
+        assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
+    assert "resumed from" in runs["fsdp resumed"].stdout
+    kept = re.findall(r"^rank (\d) keeps ([\d,]+) of ([\d,]+) parameter bytes \(fsdp\)$", runs["fsdp epoch 1"].stdout,
+                      re.M)
+    total = model.count_parameters(model.build_model("resnet18", TINY["classes"], "none", log=lambda *a: None))[0] * 4
+    assert sorted(rank for rank, _, _ in kept) == ["0", "1"]
+    assert {int(whole.replace(",", "")) for _, _, whole in kept} == {total}
+    local = [int(part.replace(",", "")) for _, part, _ in kept]
+    assert sum(local) == total and all(abs(part - total / 2) <= total / 100 for part in local), local
+    ddp, fsdp = (torch.load(tmp_path / name / "last.pt", weights_only=True) for name in ("ddp", "fsdp"))
+    assert ddp["model"].keys() == fsdp["model"].keys()
+    for key in ddp["model"]:
+        assert torch.allclose(ddp["model"][key].float(), fsdp["model"][key].float(), atol=1e-5), key
+    for index, state in ddp["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.allclose(value, fsdp["optimizer"]["state"][index][key], atol=1e-5), (index, key)
+    assert [m["val_samples"] for m in train.read_metrics(tmp_path / "fsdp")] == [VALID_IMAGES, VALID_IMAGES]
+
+
+def test_under_fsdp_every_rank_takes_as_many_validation_steps_as_rank_0():
+    """29 images, 2 ranks, batch 7: rank 0 has 15 images (3 batches), rank 1 14 (2 batches and an empty one)."""
+    cfg = argparse.Namespace(batch_size=7, workers=0, fsdp=True)
+    dataset = torch.utils.data.TensorDataset(torch.arange(29.0), torch.arange(29))
+    shares = [list(train.eval_loader(cfg, dataset, rank, 2)) for rank in (0, 1)]
+    assert [[len(labels) for _, labels in share] for share in shares] == [[7, 7, 1], [7, 7, 0]]
+    assert sorted(torch.cat([labels for share in shares for _, labels in share]).tolist()) == list(range(29))
+    assert len(train.eval_loader(cfg, dataset, 1, 2)) == 3
+
+
+def test_memory_per_process_counts_4_bytes_per_parameter_and_shards_all_but_the_block_in_use():
+    net = model.build_model("resnet18", TINY["classes"], "none", log=lambda *a: None)
+    total = model.count_parameters(net)[0]
+    block = max(sum(p.numel() for p in b.parameters()) for b in net.modules() if type(b).__name__ == "BasicBlock")
+    ddp, fsdp = train_ddp.memory_per_process(net, 1, sharded=False), train_ddp.memory_per_process(net, 4, sharded=True)
+    assert ddp == {"weights": 4 * total, "gradients": 4 * total, "Adam state": 8 * total, "DDP buckets": 4 * total,
+                   "block in use": 0}
+    assert fsdp == {"weights": total, "gradients": total, "Adam state": 2 * total, "DDP buckets": 0,
+                    "block in use": 8 * block}
+
+
+def test_activation_bytes_are_what_autograd_keeps_for_the_backward_pass():
+    """A linear layer keeps its input (2 x 3 floats), ReLU its output (2 x 5 floats); the weights are not counted."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU())
+    assert train_ddp.activation_bytes(net, torch.randn(2, 3)) == 4 * (2 * 3 + 2 * 5)
 
 
 def test_dataparallel_without_gpus_says_so_and_trains_as_train_py_does(runs):

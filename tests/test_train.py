@@ -99,6 +99,9 @@ def test_bad_arguments_are_one_line_and_exit_2(tiny_data, tmp_path, args, messag
     (["--seed", str(10**20)], f"--seed {10**20} is out of range"),
     (["--seed", "-1"], "--seed -1 is out of range"),
     (["--resume", "--overwrite"], "--resume continues the run in --out and --overwrite replaces it: choose one"),
+    (["--fsdp", "--weights", "imagenet"], "--fsdp shards what trains, and a frozen backbone leaves only the head's"),
+    (["--fsdp", "--data-parallel"], "--fsdp and --data-parallel are two ways to use several GPUs: choose one"),
+    (["--fsdp"], "--fsdp shares the model out between processes: start them with torchrun or srun"),
 ])
 def test_values_that_used_to_end_in_tracebacks_are_user_errors(tiny_data, tmp_path, args, message):
     """As UserError, run_cli prints them as one line with exit 2 (the test above)."""

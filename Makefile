@@ -58,7 +58,8 @@ cluster-down:
 	bash tests/slurm/cluster.sh down
 
 # The course as a static site in site/: every notebook executed on the CPU and rendered with its
-# outputs, the performance tables, each Slurm file beside its notebook (~3-5 min on 2 cores).
+# outputs by Sphinx and MyST-NB, the documents and performance tables, each Slurm file beside its
+# notebook (~3-5 min on 2 cores, the Sphinx build about 15 s of it).
 site: $(DEV_STAMP)
 	$(PY) docs/build_site.py --out site $(SITE_ARGS)
 

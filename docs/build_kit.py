@@ -38,7 +38,7 @@ from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
 sys.path.insert(0, str(DOCS))
-import build_site  # noqa: E402  (TEACHING_ORDER, read_notebook, md_renderer: one source with the site)
+import build_site  # noqa: E402  (TEACHING_ORDER, read_notebook: one source with the site)
 from build_site import NOTEBOOKS, ROOT, OneLineParser  # noqa: E402
 from data import UserError, run_cli  # noqa: E402
 
@@ -211,8 +211,13 @@ a { color: inherit; text-decoration: none; }
 """
 
 
+def md_renderer():
+    import mistune
+    return mistune.create_markdown(escape=False, plugins=["table", "strikethrough", "url"])
+
+
 def cheatsheet_html(markdown: str) -> str:
-    body = build_site.md_renderer()(markdown)
+    body = md_renderer()(markdown)
     title = re.search(r"^#\s+(.+)$", markdown, re.M)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>{title.group(1) if title else 'Cheat sheet'}</title><style>{CHEATSHEET_CSS}</style></head>"

@@ -15,21 +15,22 @@ executed earlier (the tests execute each notebook once per run, into artifacts/e
 without the cells the tests added to them (tag `added-by-tests`: each exercise's solution and
 its check run again).
 
+The pages are Sphinx's: this script writes a Sphinx source folder laid out as the repository
+(conf.py; index.md: the lessons in TEACHING_ORDER, the documents, the Slurm files;
+notebooks/<name>.ipynb, the executed copies, which MyST-NB renders with their stored outputs;
+slurm/<file>.md, each file beside the lesson of the script it runs; docs/<page>.md, the
+performance tables among them) and builds it with `sphinx-build -W -b html`, in this process.
+Nothing on a page loads from another host.
+
 The site is built in temporary directories and renamed over --out only when complete: a
 failed or interrupted build leaves the previous site as it was.
-
-Pages: index.html (the lessons in TEACHING_ORDER, the Slurm files, the performance
-tables), notebooks/<name>.html, slurm/<file>.html, performance.html (from
-docs/performance.md, when it exists).
 """
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import html
+import io
 import json
-import mimetypes
 import os
 import platform
 import posixpath
@@ -47,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 SCRIPTS = ROOT / "scripts"
 SLURM = ROOT / "slurm"
-PERFORMANCE = ROOT / "docs" / "performance.md"
+DOCS = ROOT / "docs"
 sys.path.insert(0, str(SCRIPTS))
 from data import UserError, run_cli  # noqa: E402  (the course's one way to report user mistakes)
 
@@ -306,277 +307,214 @@ def take_executed(source: Path, target: Path) -> tuple[float, dict]:
 
 
 # ---------------------------------------------------------------------------------------
-# Rendering
+# The pages: a Sphinx source folder laid out as the repository (notebooks/, slurm/, docs/),
+# rendered by MyST-NB from the notebooks' stored outputs (its execution is off)
 
-CSS = """
-body.site { font: 16px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1d2430; margin: 0; background: #fff; }
-.site main { max-width: 1100px; margin: 0 auto; padding: 0 24px 48px; }
-.site-nav { background: #1d3557; color: #fff; padding: 10px 24px; font: 15px/1.4 system-ui, sans-serif; }
-.site-nav a, .site .site-nav a { color: #fff; text-decoration: none; margin-right: 16px; }
-.site-nav a:hover { text-decoration: underline; }
-.site-nav .here { font-weight: 600; border-bottom: 2px solid #f1c40f; }
-.site h1 { font-size: 30px; margin: 28px 0 8px; }
-.site h2 { font-size: 22px; margin: 36px 0 10px; border-bottom: 1px solid #dde3ea; padding-bottom: 4px; }
-.site .lede { color: #4a5566; margin-top: 0; }
-.site code { background: #f2f4f7; padding: 1px 4px; border-radius: 3px; font-size: 90%; }
-.site pre code { background: none; padding: 0; }
-.site table { border-collapse: collapse; margin: 12px 0; font-size: 15px; }
-.site th, .site td { border: 1px solid #dde3ea; padding: 5px 10px; vertical-align: top; text-align: left; }
-.site th { background: #f5f7fa; }
-ol.lessons { list-style: none; padding: 0; }
-ol.lessons > li { display: grid; grid-template-columns: 44px 1fr; gap: 4px 12px; padding: 12px 0; border-bottom: 1px solid #eef1f4; }
-ol.lessons > li > .num { grid-row: span 3; font-size: 26px; font-weight: 700; color: #457b9d; text-align: right; }
-ol.lessons > li > .title { font-size: 19px; font-weight: 600; }
-ol.lessons .intro { color: #333c48; }
-ol.lessons .meta { font-size: 14px; color: #5d6878; }
-.site a { color: #1d5fa8; }
-.slurm-page { display: grid; grid-template-columns: minmax(0, 3fr) minmax(240px, 1.2fr); gap: 24px; align-items: start; }
-.slurm-page pre { background: #f7f8fa; border: 1px solid #dde3ea; border-radius: 4px; padding: 12px; overflow-x: auto;
-  font: 13px/1.45 ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; margin: 0; }
-.slurm-page aside { background: #f5f8fc; border: 1px solid #d6e2ef; border-radius: 4px; padding: 4px 16px 12px; font-size: 15px; }
-.slurm-page aside h3 { font-size: 16px; margin: 12px 0 4px; }
-pre .sbatch { color: #1d3557; font-weight: 600; }
-pre .comment { color: #6a7585; font-weight: normal; }
-.banner { background: #f5f8fc; border: 1px solid #d6e2ef; border-radius: 4px; padding: 8px 14px; margin: 16px 0;
-  font: 14px/1.5 system-ui, sans-serif; color: #333c48; }
-.banner a { color: #1d5fa8; text-decoration: underline; }
-.banner code { background: #e8eef5; padding: 0 3px; border-radius: 3px; }
-.footer { color: #7a8494; font-size: 13px; margin-top: 40px; }
+CONF = """\
+# Written by docs/build_site.py for each build.
+project = {title!r}
+extensions = ["myst_nb"]
+nb_execution_mode = "off"  # the notebooks were executed by build_site.py (papermill) or by the tests
+nb_ipywidgets_js = {{}}  # no widget scripts from unpkg or cdnjs: the site works offline
+myst_enable_extensions = []  # no dollarmath: a page with math would load MathJax from a CDN
+myst_heading_anchors = 3  # links to a heading of a docs page (troubleshooting.md#a-job-that-never-starts)
+html_theme = "alabaster"
+html_theme_options = {{"show_powered_by": False, "page_width": "1400px"}}
+html_show_sphinx = False
+html_copy_source = False
+html_static_path = ["_static"]
+html_css_files = ["site.css"]  # each Slurm file beside its lesson: Sphinx puts code blocks below a sidebar
+# Solutions in Markdown fences marked python hold IPython's `!command` lines: Pygments highlights them
+# in its relaxed mode instead.
+suppress_warnings = ["misc.highlighting_failure"]
 """
 
-
-def md_renderer():
-    import mistune
-    return mistune.create_markdown(escape=False, plugins=["table", "strikethrough", "url"])
+IMAGES = (".png", ".svg", ".jpg", ".jpeg", ".gif")  # docs/ files that docs pages may show
 
 
-def rel(page: str, target: str) -> str:
-    """The link from site page `page` (e.g. slurm/train.sbatch.html) to `target` (e.g. notebooks/train.html)."""
-    return os.path.relpath(target, os.path.dirname(page) or ".")
-
-
-def notebook_page(name: str) -> str:
-    return f"notebooks/{name}.html"
-
-
-def slurm_page(name: str) -> str:
-    return f"slurm/{name}.html"
-
-
-def repo_target(path: str, notebooks: list[str], slurm: list[str]) -> str | None:
-    """The site page for a repository path (notebooks/x.ipynb, scripts/x.py, slurm/f), if it has one."""
-    if m := re.fullmatch(r"(?:notebooks/(\w+)\.ipynb|scripts/(\w+)\.py)", path):
+def site_target(repo_path: str, notebooks: list[str], slurm: list[str]) -> str | None:
+    """The source of the site's page for a repository path (scripts/x.py shows as its notebook), if any."""
+    if m := re.fullmatch(r"(?:notebooks/(\w+)\.ipynb|scripts/(\w+)\.py)", repo_path):
         name = m.group(1) or m.group(2)
-        return notebook_page(name) if name in notebooks else None
-    if m := re.fullmatch(r"slurm/([\w.-]+)", path):
-        return slurm_page(m.group(1)) if m.group(1) in slurm else None
-    if path in ("docs/performance.md",):
-        return "performance.html"
+        return f"notebooks/{name}.ipynb" if name in notebooks else None
+    if m := re.fullmatch(r"slurm/([\w.-]+)", repo_path):
+        return f"slurm/{m.group(1)}.md" if m.group(1) in slurm else None
+    if repo_path.startswith("docs/") and repo_path.endswith((".md", *IMAGES)) and (ROOT / repo_path).is_file():
+        return repo_path
     return None
 
 
-def link_repo_paths(text: str, page: str, source: str, notebooks: list[str], slurm: list[str]) -> str:
-    """Point links to repository files at their site pages, and make inline code naming them a link.
-
-    source: the document's directory in the repository ("docs", "notebooks"); its links are relative to it."""
-    def href(m):
-        url = m.group(2)
-        if re.match(r"^[a-z]+:|^#|^/", url):
+def site_markdown(text: str, source: str, page: str, notebooks: list[str], slurm: list[str]) -> str:
+    """Markdown of the repository folder `source` for the site page `page`: links to repository files
+    point at their pages (a file the site does not show keeps its text, unlinked), and inline code
+    naming one becomes a link."""
+    def link(m):
+        bang, label, url = m.groups()
+        if re.match(r"^[a-z][a-z0-9+.-]*:|^#|^/", url):
             return m.group(0)
-        path, _, anchor = url.partition("#")
-        repo_path = posixpath.normpath(posixpath.join(source, html.unescape(path)))
-        target = repo_target(repo_path, notebooks, slurm)
-        return m.group(0) if target is None else f'{m.group(1)}"{rel(page, target)}{"#" + anchor if anchor else ""}"'
-
-    text = re.sub(r'(href=)"([^"]+)"', href, text)
+        path, hash_, anchor = url.partition("#")
+        target = site_target(posixpath.normpath(posixpath.join(source, path)), notebooks, slurm)
+        if target is None:
+            return label
+        return f"{bang}[{label}]({posixpath.relpath(target, posixpath.dirname(page) or '.')}{hash_}{anchor})"
 
     def code(m):
-        target = repo_target(m.group(1), notebooks, slurm)
-        return m.group(0) if target in (None, page) else f'<a href="{rel(page, target)}">{m.group(0)}</a>'
-
-    return re.sub(r"(?<!>)<code>((?:notebooks|scripts|slurm|docs)/[\w./-]+)</code>(?!</a>)", code, text)
-
-
-def embed_images(text: str, source_dir: Path) -> str:
-    """Inline local images of a Markdown document, so its page needs no copies of them."""
-    def src(m):
-        url = m.group(2)
-        if re.match(r"^[a-z]+:", url):
+        target = site_target(m.group(1), notebooks, slurm)
+        if target in (None, page):
             return m.group(0)
-        path = (source_dir / url).resolve()
-        if not path.is_file():
-            return m.group(0)
-        kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return f'{m.group(1)}"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode()}"'
-    return re.sub(r'(<img[^>]*?\bsrc=)"([^"]+)"', src, text)
+        return f"[{m.group(0)}]({posixpath.relpath(target, posixpath.dirname(page) or '.')})"
+
+    text = re.sub(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)", link, text)
+    return re.sub(r"(?<!\[)`((?:notebooks|scripts|slurm|docs)/[\w./-]+)`(?!\])", code, text)
 
 
-@dataclass
-class Site:
-    notebooks: list[Notebook]
-    slurm: list[SlurmFile]
-    quick: bool
-    built: str
-    machine: str
-    seconds: float = 0.0
-    performance: bool = False
-    executed_from: str = ""  # --executed: where the executed notebooks came from
+def fence(text: str, language: str) -> str:
+    ticks = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    return f"{ticks}{language}\n{text.rstrip()}\n{ticks}"
 
-    @property
-    def names(self) -> list[str]:
-        return [n.name for n in self.notebooks]
 
-    @property
-    def slurm_names(self) -> list[str]:
-        return [s.name for s in self.slurm]
+def indent(text: str, spaces: int = 3) -> str:
+    return "\n".join(" " * spaces + line if line.strip() else "" for line in text.splitlines())
 
-    def nav(self, page: str, here: str = "") -> str:
-        items = [("index.html", "Course", "index")]
-        items += [(notebook_page(n.name), f"{n.number}. {n.name}", n.name) for n in self.notebooks]
-        if self.performance:
-            items.append(("performance.html", "Performance", "performance"))
-        items.append(("index.html#slurm", "Slurm files", "slurm"))
-        here_class = ' class="here"'
-        links = "".join(f'<a href="{rel(page, target)}"{here_class if key == here else ""}>{html.escape(label)}</a>'
-                        for target, label, key in items)
-        return f'<nav class="site-nav">{links}</nav>'
 
-    def page(self, page: str, title: str, body: str, here: str = "") -> str:
-        return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-                f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-                f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n"
-                f'<body class="site">\n{self.nav(page, here)}\n<main>\n{body}\n'
-                f'<p class="footer">{html.escape(self.built_line())}</p>\n</main>\n</body>\n</html>\n')
+def table(header: list[str], rows: list[list[str]]) -> str:
+    cells = lambda row: "| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"  # noqa: E731
+    return "\n".join([cells(header), cells(["---"] * len(header)), *map(cells, rows)])
 
-    def built_line(self) -> str:
-        if self.executed_from:
-            return f"Built {self.built} by docs/build_site.py from notebooks executed beforehand ({self.executed_from})."
-        mode = "tiny test parameters (--quick)" if self.quick else "small CPU parameters"
-        return f"Built {self.built} by docs/build_site.py: notebooks executed with {mode} on {self.machine}."
 
-    def md(self, text: str, page: str, source: str, images: Path | None = None) -> str:
-        """Markdown from the repository directory `source` as HTML; local images from `images` are inlined."""
-        rendered = link_repo_paths(md_renderer()(text), page, source, self.names, self.slurm_names)
-        return embed_images(rendered, images) if images else rendered
+def lesson_page(nb: Notebook, executed: Path, total: int, machine: str, names: list[str], slurm: list[str]) -> str:
+    """The executed notebook as the site shows it: a banner after its first Markdown cell, links to
+    repository files pointing at their pages, and its hidden cells' code folded."""
+    node = json.loads(executed.read_text())
+    for cell in node["cells"]:
+        if cell["cell_type"] == "markdown":
+            cell["source"] = site_markdown("".join(cell["source"]), "notebooks", f"notebooks/{nb.name}.ipynb", names, slurm)
+        elif cell.get("metadata", {}).get("jupyter", {}).get("source_hidden"):
+            cell["metadata"].setdefault("tags", []).append("hide-input")
+    runs = ", ".join(f"[`slurm/{s}`](../slurm/{s}.md)" for s in nb.slurm)
+    banner = (f"Lesson {nb.number} of {total}: executed in {nb.seconds:.0f} s on {machine}, with the values of the "
+              f"cell `# Parameters`. The notebook is also `scripts/{nb.name}.py`"
+              + (f"; on a cluster {runs} {'runs' if len(nb.slurm) == 1 else 'run'} it." if runs else "."))
+    first = next((i for i, c in enumerate(node["cells"]) if c["cell_type"] == "markdown"), -1)
+    node["cells"].insert(first + 1, {"cell_type": "markdown", "id": "site-banner", "metadata": {},
+                                     "source": fence(banner, "{note}")})
+    node["metadata"].setdefault("language_info", {"name": "python", "pygments_lexer": "ipython3"})  # `!` lines
+    return json.dumps(node)
 
-    # --- pages
 
-    def index(self, title: str) -> str:
-        page = "index.html"
-        lessons = []
-        for nb in self.notebooks:
-            runs = [f'<a href="{slurm_page(s)}"><code>{html.escape(s)}</code></a>' for s in nb.slurm]
-            meta = [f"script <code>scripts/{nb.name}.py</code>", f"executed in {nb.seconds:.0f} s"]
-            if runs:
-                meta.append("run by " + ", ".join(runs))
-            lessons.append(
-                f'<li><span class="num">{nb.number}</span>'
-                f'<a class="title" href="{notebook_page(nb.name)}">{html.escape(nb.title)}</a>'
-                f'<div class="intro">{self.md(nb.intro, page, "notebooks")}</div>'
-                f'<div class="meta">{" · ".join(meta)}</div></li>')
-        body = [f"<h1>{html.escape(title)}</h1>",
-                '<p class="lede">The course\'s notebooks in teaching order, executed on a CPU with small '
-                "datasets and models so that every output, table and plot below is real; on a cluster the "
-                "same code trains a ResNet-152 on the full dataset. "
-                + ("The measured GPU numbers are under <a href=\"performance.html\">Performance</a>. " if self.performance else "")
-                + "Each Slurm file is shown beside the notebook of the script it runs.</p>",
-                "<h2 id=\"lessons\">Lessons</h2>", '<ol class="lessons">', *lessons, "</ol>"]
-        if self.performance:
-            body += ['<h2 id="performance">Performance</h2>',
-                     '<p>The measured throughput tables: <a href="performance.html">Performance</a> '
-                     "(from <code>docs/performance.md</code>).</p>"]
-        jobs = [s for s in self.slurm if s.name.endswith(".sbatch")]
-        shared = [s for s in self.slurm if not s.name.endswith(".sbatch")]
-        rows = []
-        for s in jobs:
-            runs = ", ".join(f'<a href="{notebook_page(n)}">{html.escape(n)}</a>' for n in s.scripts) or "&mdash;"
-            rows.append(f'<tr><td><a href="{slurm_page(s.name)}"><code>{html.escape(s.name)}</code></a></td>'
-                        f"<td>{html.escape(s.about)}</td><td>{runs}</td></tr>")
-        body += ['<h2 id="slurm">Slurm files</h2>',
-                 "<p>Batch files: submit them with <code>sbatch</code> from the course's root directory. Each page "
-                 "shows the file beside the lesson whose script it runs.</p>",
-                 "<table><tr><th>batch file</th><th>what</th><th>lesson of the script it runs</th></tr>",
-                 *rows, "</table>"]
-        if shared:
-            rows = []
-            for s in shared:
-                users = [o.name for o in jobs if s.name in o.uses]
-                used = ", ".join(f'<a href="{slurm_page(u)}"><code>{html.escape(u)}</code></a>' for u in users) or "&mdash;"
-                rows.append(f'<tr><td><a href="{slurm_page(s.name)}"><code>{html.escape(s.name)}</code></a></td>'
-                            f"<td>{html.escape(s.about)}</td><td>{used}</td></tr>")
-            body += ["<p>Files the batch files share:</p>",
-                     "<table><tr><th>file</th><th>what</th><th>used by</th></tr>", *rows, "</table>"]
-        return self.page(page, title, "\n".join(body), "index")
+def index_page(title: str, notebooks: list[Notebook], slurm: list[SlurmFile], docs: dict[str, str], built: str) -> str:
+    names, slurm_names = [nb.name for nb in notebooks], [s.name for s in slurm]
+    lessons = []
+    for nb in notebooks:
+        meta = [f"script `scripts/{nb.name}.py`", f"executed in {nb.seconds:.0f} s"]
+        if nb.slurm:
+            meta.append("run by " + ", ".join(f"[`{s}`](slurm/{s}.md)" for s in nb.slurm))
+        intro = site_markdown(nb.intro, "notebooks", "index.md", names, slurm_names)
+        lessons.append(f"{nb.number}. [{nb.title}](notebooks/{nb.name}.ipynb)\n\n{indent(intro)}\n\n{indent(' · '.join(meta))}")
+    jobs = [s for s in slurm if s.name.endswith(".sbatch")]
+    shared = [s for s in slurm if not s.name.endswith(".sbatch")]
+    page_link = lambda s: f"[`{s}`](slurm/{s}.md)"  # noqa: E731
+    job_rows = [[page_link(s.name), s.about, ", ".join(f"[{n}](notebooks/{n}.ipynb)" for n in s.scripts) or "—"]
+                for s in jobs]
+    shared_rows = [[page_link(s.name), s.about, ", ".join(page_link(o.name) for o in jobs if s.name in o.uses) or "—"]
+                   for s in shared]
+    toctrees = [fence(":hidden:\n:caption: " + caption + "\n\n" + "\n".join(entries), "{toctree}") for caption, entries in
+                (("Lessons", [f"notebooks/{n}" for n in names]), ("Documents", [d.removesuffix(".md") for d in docs]),
+                 ("Slurm files", [f"slurm/{s}" for s in slurm_names]))]
+    return "\n\n".join([
+        f"# {title}",
+        "The course's notebooks in teaching order, executed on a CPU with small datasets and models so that every "
+        "output, table and plot below is real; on a cluster the same code trains a ResNet-152 on the full dataset. "
+        "Each Slurm file is shown beside the notebook of the script it runs.",
+        *toctrees,
+        "## Lessons", "\n\n".join(lessons),
+        "## Documents",
+        "\n".join(f"- [{heading}]({path}) (`{path}`)" for path, heading in docs.items()),
+        "## Slurm files",
+        "Batch files: submit them with `sbatch` from the course's root directory. Each page shows the file beside "
+        "the lesson whose script it runs.",
+        table(["batch file", "what", "lesson of the script it runs"], job_rows),
+        "Files the batch files share:", table(["file", "what", "used by"], shared_rows),
+        built])
 
-    def slurm_file(self, s: SlurmFile) -> str:
-        page = slurm_page(s.name)
-        lines = []
-        for line in s.text.splitlines():
-            escaped = html.escape(line)
-            if line.startswith("#SBATCH"):
-                directive, sep, comment = escaped.partition(" #")
-                escaped = f'<span class="sbatch">{directive}</span>' + (f'<span class="comment"> #{comment}</span>' if sep else "")
-            elif line.lstrip().startswith("#"):
-                escaped = f'<span class="comment">{escaped}</span>'
-            lines.append(escaped)
-        text = "\n".join(lines)
-        text = re.sub(r"\bscripts/(\w+)\.py\b", lambda m: f'<a href="{rel(page, notebook_page(m.group(1)))}">{m.group(0)}</a>'
-                      if m.group(1) in self.names else m.group(0), text)
-        text = re.sub(r"\bslurm/([\w.-]+)", lambda m: f'<a href="{rel(page, slurm_page(m.group(1)))}">{m.group(0)}</a>'
-                      if m.group(1) in self.slurm_names and m.group(1) != s.name else m.group(0), text)
-        by_name = {nb.name: nb for nb in self.notebooks}
-        side = []
-        for name in s.scripts:
-            nb = by_name[name]
-            side.append(f'<h3>{"Runs" if s.name.endswith(".sbatch") else "Calls"} <code>scripts/{name}.py</code></h3>'
-                        f'<p>the export of lesson {nb.number}, <a href="{rel(page, notebook_page(name))}">'
-                        f'{html.escape(nb.title)}</a>.</p>{self.md(nb.intro, page, "notebooks")}')
-        users = [o.name for o in self.slurm if s.name in o.uses]
-        if s.uses:
-            side.append("<h3>Uses</h3><p>" + ", ".join(
-                f'<a href="{rel(page, slurm_page(u))}"><code>slurm/{html.escape(u)}</code></a>' for u in s.uses) + "</p>")
-        if users:
-            side.append("<h3>Used by</h3><p>" + ", ".join(
-                f'<a href="{rel(page, slurm_page(u))}"><code>{html.escape(u)}</code></a>' for u in users) + "</p>")
-        if not side:
-            side.append("<p>Runs no script of the course.</p>")
-        submit = (f'<p class="lede">Submit with <code>sbatch slurm/{html.escape(s.name)}</code> from the course\'s root '
-                  "directory.</p>" if s.name.endswith(".sbatch") else "")
-        body = (f"<h1><code>slurm/{html.escape(s.name)}</code></h1>"
-                + (f'<p class="lede">{html.escape(s.about)}</p>' if s.about else "") + submit
-                + f'<div class="slurm-page"><pre>{text}</pre><aside>{"".join(side)}</aside></div>')
-        return self.page(page, f"slurm/{s.name}", body, "slurm")
 
-    def performance_page(self) -> str:
-        page = "performance.html"
-        body = self.md(PERFORMANCE.read_text(), page, "docs", PERFORMANCE.parent)
-        if "<h1" not in body:
-            body = "<h1>Performance</h1>\n" + body
-        return self.page(page, "Performance", body, "performance")
+def slurm_page(s: SlurmFile, notebooks: list[Notebook], slurm: list[SlurmFile]) -> str:
+    by_name = {nb.name: nb for nb in notebooks}
+    names, slurm_names = list(by_name), [o.name for o in slurm]
+    side = []
+    for name in s.scripts:
+        nb = by_name[name]
+        side.append(f"**{'Runs' if s.name.endswith('.sbatch') else 'Calls'} `scripts/{name}.py`**, the export of lesson "
+                    f"{nb.number}, [{nb.title}](../notebooks/{name}.ipynb).\n\n"
+                    + site_markdown(nb.intro, "notebooks", f"slurm/{s.name}.md", names, slurm_names))
+    if s.uses:
+        side.append("**Uses** " + ", ".join(f"[`slurm/{u}`]({u}.md)" for u in s.uses))
+    users = [o.name for o in slurm if s.name in o.uses]
+    if users:
+        side.append("**Used by** " + ", ".join(f"[`{u}`]({u}.md)" for u in users))
+    language = {".py": "python", ".csv": "text"}.get(Path(s.name).suffix, "bash")
+    return "\n\n".join([
+        f"# `slurm/{s.name}`", s.about,
+        f"Submit with `sbatch slurm/{s.name}` from the course's root directory." if s.name.endswith(".sbatch") else "",
+        fence("\n\n".join(side or ["Runs no script of the course."]), "{sidebar} The lesson" if s.scripts else "{sidebar} Links"),
+        fence(s.text, language)])
 
-    def notebook(self, nb: Notebook, executed: Path) -> str:
-        import nbformat
-        from nbconvert import HTMLExporter
-        page = notebook_page(nb.name)
-        node = nbformat.read(str(executed), as_version=4)
-        exporter = HTMLExporter(template_name="lab")
-        body, _ = exporter.from_notebook_node(node, resources={"metadata": {"name": f"{nb.number}. {nb.title}"}})
-        body = link_repo_paths(body, page, "notebooks", self.names, self.slurm_names)
-        i = self.names.index(nb.name)
-        steps = []
-        if i:
-            steps.append(f'&larr; <a href="{rel(page, notebook_page(self.names[i - 1]))}">{self.names[i - 1]}</a>')
-        if i + 1 < len(self.names):
-            steps.append(f'<a href="{rel(page, notebook_page(self.names[i + 1]))}">{self.names[i + 1]}</a> &rarr;')
-        runs = ", ".join(f'<a href="{rel(page, slurm_page(s))}"><code>slurm/{html.escape(s)}</code></a>' for s in nb.slurm)
-        banner = (f'<div class="banner">Lesson {nb.number} of {len(self.names)}: executed in {nb.seconds:.0f} s on '
-                  f"{html.escape(self.machine)}, with the values of the cell <code># Parameters</code>. The notebook is also "
-                  f"<code>scripts/{nb.name}.py</code>"
-                  + (f"; on a cluster {runs} {'runs' if len(nb.slurm) == 1 else 'run'} it." if runs else ".")
-                  + (f' <span style="float:right">{" · ".join(steps)}</span>' if steps else "") + "</div>")
-        header = f"{self.nav(page, nb.name)}<div style=\"padding:0 24px\">{banner}</div>"
-        body = body.replace("</head>", f"<style>{CSS}</style>\n</head>", 1)
-        return re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + "\n" + header, body, count=1)
+
+def doc_pages() -> dict[str, str]:
+    """docs/<page>.md -> its title (first heading), in the order of the file names."""
+    pages = {}
+    for path in sorted(DOCS.glob("*.md")):
+        heading = next((line[2:].strip() for line in path.read_text().splitlines() if line.startswith("# ")), path.stem)
+        pages[f"docs/{path.name}"] = heading
+    return pages
+
+
+def write_conf(src: Path, title: str) -> None:
+    (src / "_static").mkdir(parents=True)
+    (src / "conf.py").write_text(CONF.format(title=title))
+    (src / "_static" / "site.css").write_text(
+        'aside.sidebar + div[class*="highlight-"], aside.sidebar + div[class*="highlight-"] pre { clear: none; }\n'
+        "aside.sidebar { width: 30%; }\n")
+
+
+def write_sources(src: Path, notebooks: list[Notebook], slurm: list[SlurmFile], executed: Path, built: str) -> None:
+    names, slurm_names = [nb.name for nb in notebooks], [s.name for s in slurm]
+    readme = ROOT / "README.md"
+    title = next((line[2:].strip() for line in readme.read_text().splitlines() if line.startswith("# ")),
+                 "The course") if readme.is_file() else "The course"
+    for folder in ("notebooks", "slurm", "docs"):
+        (src / folder).mkdir(parents=True)
+    write_conf(src, title)
+    machine = machine_description()
+    for nb in notebooks:
+        page = lesson_page(nb, executed / f"{nb.name}.ipynb", len(notebooks), machine, names, slurm_names)
+        (src / "notebooks" / f"{nb.name}.ipynb").write_text(page)
+    for s in slurm:
+        (src / "slurm" / f"{s.name}.md").write_text(slurm_page(s, notebooks, slurm))
+    docs = doc_pages()
+    for path in docs:
+        (src / path).write_text(site_markdown((ROOT / path).read_text(), "docs", path, names, slurm_names))
+    for image in (p for p in DOCS.iterdir() if p.suffix.lower() in IMAGES):
+        shutil.copyfile(image, src / "docs" / image.name)
+    (src / "index.md").write_text(index_page(title, notebooks, slurm, docs, built))
+
+
+def sphinx_build(src: Path, out: Path, doctrees: Path) -> None:
+    """`sphinx-build -W -b html src out` in this process; its first warning is the one-line error."""
+    from sphinx.application import Sphinx
+    from sphinx.errors import SphinxError
+    warnings = io.StringIO()
+    try:
+        app = Sphinx(src, src, out, doctrees, "html", status=None, warning=warnings, warningiserror=True)
+        app.build()
+    except SphinxError as error:  # a broken conf.py or extension
+        raise UserError(f"the site's Sphinx build failed: {error.category}: {str(error).splitlines()[0][:400]}") from None
+    if app.statuscode:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", warnings.getvalue()).replace(f"{src}/", "")  # no colours, repository paths
+        found = [line for line in text.splitlines() if "WARNING" in line or "ERROR" in line]
+        first = found[0] if found else "no message"
+        raise UserError(f"the site's Sphinx build failed ({len(found)} warning{'s' if len(found) != 1 else ''}); "
+                        f"the first: {first[:400]}")
 
 
 def machine_description() -> str:
@@ -602,7 +540,7 @@ def machine_description() -> str:
 
 def check_out(out: Path) -> Path:
     out = out.resolve()
-    if out == ROOT or ROOT.is_relative_to(out) or out in (NOTEBOOKS, SCRIPTS, SLURM, ROOT / "docs", ROOT / "tests"):
+    if out == ROOT or ROOT.is_relative_to(out) or out in (NOTEBOOKS, SCRIPTS, SLURM, DOCS, ROOT / "tests"):
         raise UserError(f"--out {out} would replace the course's own files: choose a new directory, e.g. site")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
@@ -634,8 +572,8 @@ def publish(staging: Path, out: Path) -> None:
 
 
 def build(out: Path, quick: bool, log=lambda message: print(message, file=sys.stderr, flush=True),
-          executed_from: Path | None = None) -> Site:
-    start = time.monotonic()
+          executed_from: Path | None = None) -> float:
+    """Build the site into `out`; return the seconds the Sphinx build took."""
     out = check_out(out)
     present = sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb"))
     names = teaching_order(present)
@@ -644,12 +582,13 @@ def build(out: Path, quick: bool, log=lambda message: print(message, file=sys.st
     for nb in notebooks:
         nb.slurm = [s.name for s in slurm if s.name.endswith(".sbatch") and nb.name in s.scripts]
     try:
-        import mistune  # noqa: F401
-        import nbconvert  # noqa: F401
+        import myst_nb  # noqa: F401
+        import sphinx  # noqa: F401
         if executed_from is None:
             import papermill  # noqa: F401
     except ImportError as error:
-        raise UserError(f"{error.name} is missing: run with the course's environment (.venv/bin/python, `make site`)") from None
+        raise UserError(f"{error.name} is missing: install the maintainers' tools (pip install -r requirements-dev.txt; "
+                        "`make site` does)") from None
 
     with tempfile.TemporaryDirectory(prefix="build_site-") as tmp:
         work = Path(tmp)
@@ -657,33 +596,24 @@ def build(out: Path, quick: bool, log=lambda message: print(message, file=sys.st
         executed.mkdir()
         if executed_from is None:
             execute_all(notebooks, quick, work, executed, log)
+            how = f"notebooks executed with {'tiny test parameters (--quick)' if quick else 'small CPU parameters'}"
         else:
             for nb in notebooks:
                 nb.seconds, nb.parameters = take_executed(executed_from / f"{nb.name}.ipynb", executed / f"{nb.name}.ipynb")
-
-        site = Site(notebooks, slurm, quick, datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                    machine_description(), performance=PERFORMANCE.is_file(),
-                    executed_from=str(executed_from or ""))
-        title = next((line[2:].strip() for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("# ")),
-                     "The course") if (ROOT / "README.md").is_file() else "The course"
+            how = f"notebooks executed beforehand ({executed_from})"
+        built = f"Built {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by `docs/build_site.py` from {how}."
+        write_sources(work / "src", notebooks, slurm, executed, built)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
         try:
-            (staging / "notebooks").mkdir()
-            (staging / "slurm").mkdir()
-            for nb in notebooks:
-                (staging / notebook_page(nb.name)).write_text(site.notebook(nb, executed / f"{nb.name}.ipynb"))
-            for s in slurm:
-                (staging / slurm_page(s.name)).write_text(site.slurm_file(s))
-            if site.performance:
-                (staging / "performance.html").write_text(site.performance_page())
-            (staging / "index.html").write_text(site.index(title))
+            start = time.monotonic()
+            sphinx_build(work / "src", staging, work / "doctrees")
+            seconds = time.monotonic() - start
             publish(staging, out)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    site.seconds = time.monotonic() - start
-    log(f"site: {out / 'index.html'} ({len(notebooks)} notebooks, {len(slurm)} Slurm files"
-        f"{', performance tables' if site.performance else ''}) built in {site.seconds:.0f} s")
-    return site
+    log(f"site: {out / 'index.html'} ({len(notebooks)} notebooks, {len(slurm)} Slurm files, "
+        f"{len(doc_pages())} documents; Sphinx took {seconds:.1f} s)")
+    return seconds
 
 
 def execute_all(notebooks: list[Notebook], quick: bool, work: Path, executed: Path, log) -> None:

@@ -8,7 +8,7 @@ from importlib.metadata import version
 from conftest import ROOT
 
 COURSE = {"torch", "torchvision", "wandb", "jupyterlab", "ipywidgets", "jupytext", "ipykernel", "tqdm", "matplotlib"}
-TESTS_ONLY = {"pytest", "pytest-xdist", "papermill", "nbclient", "playwright", "spython"}
+TESTS_ONLY = {"pytest", "pytest-xdist", "papermill", "nbclient", "playwright", "spython", "sphinx", "myst-nb"}
 EXACT_VERSION = re.compile(r"\d+(\.\d+)*((a|b|rc|\.post|\.dev)\d+)?")
 
 

@@ -1,5 +1,6 @@
 """`make site` (docs/build_site.py): every notebook executed and rendered with its outputs, the
-performance tables, and every Slurm file beside the notebook of the script it runs.
+performance tables, and every Slurm file beside the notebook of the script it runs; the pages
+are Sphinx's (MyST-NB renders the notebooks' stored outputs) and load nothing from another host.
 
 The site is built once, from the notebooks the tests execute once per run (`--executed`, the
 executed_notebooks fixture), into a temporary directory. The site's own executor (`execute`,
@@ -25,6 +26,9 @@ from conftest import ROOT, cpu_env, load_build_site, one_line_exit_2
 BUILDER = ROOT / "docs" / "build_site.py"
 SLURM = ROOT / "slurm"
 PERFORMANCE = ROOT / "docs" / "performance.md"
+# Tags and attributes that make a browser load something when the page opens (a link <a> does not).
+LOADED = {("script", "src"), ("img", "src"), ("link", "href"), ("iframe", "src"), ("source", "src"), ("video", "src"),
+          ("audio", "src"), ("embed", "src"), ("object", "data")}
 
 
 build_site = load_build_site()
@@ -48,24 +52,36 @@ def site(tmp_path_factory, executed_notebooks) -> Path:
 
 
 class Links(HTMLParser):
-    def __init__(self):
+    def __init__(self, kinds):
         super().__init__()
-        self.links: list[str] = []
+        self.kinds, self.links = kinds, []
 
     def handle_starttag(self, tag, attrs):
         for name, value in attrs:
-            if (tag, name) in {("a", "href"), ("img", "src"), ("link", "href"), ("script", "src")} and value:
+            if (tag, name) in self.kinds and value:
                 self.links.append(value)
 
 
-def links(page: Path) -> list[str]:
-    parser = Links()
+def links(page: Path, kinds=LOADED | {("a", "href")}) -> list[str]:
+    parser = Links(kinds)
     parser.feed(page.read_text())
     return parser.links
 
 
+def section(page: Path, anchor: str) -> str:
+    """The HTML of the section `id="anchor"` of a page, to the next section of its level."""
+    text = page.read_text()
+    start = text.index(f'<section id="{anchor}">')
+    return text[start:text.find("<section id=", start + 1) % (len(text) + 1)]
+
+
 def local(url: str) -> bool:
     return not re.match(r"^([a-z][a-z0-9+.-]*:|#|//)", url)
+
+
+def path_of(url: str) -> str:
+    """A local URL without its anchor or query (Sphinx adds `?v=<hash>` to its style sheets and scripts)."""
+    return re.split(r"[#?]", url, maxsplit=1)[0]
 
 
 def notebook_names() -> list[str]:
@@ -95,13 +111,18 @@ def test_each_notebook_numbers_itself_as_the_teaching_order_does():
 
 def test_index_lists_every_notebook_in_teaching_order_with_links_that_exist(site):
     index = site / "index.html"
-    text = index.read_text()
-    lessons = text[text.index('id="lessons"'):]
-    lessons = lessons.split("<h2", 1)[0]  # to the next section: intros may hold lists of their own
-    listed = re.findall(r'<a class="title" href="notebooks/(\w+)\.html"', lessons)  # intros may link other lessons
+    # each item starts with its lesson's link; intros may link other lessons
+    listed = re.findall(r'<li><p><a class="reference internal" href="notebooks/(\w+)\.html"', section(index, "lessons"))
     assert listed == list(build_site.TEACHING_ORDER)
     for url in filter(local, links(index)):
-        assert (site / url.split("#")[0]).is_file(), f"index.html links to missing {url}"
+        assert (site / path_of(url)).is_file(), f"index.html links to missing {url}"
+
+
+def test_the_lesson_pages_lead_from_one_to_the_next_in_teaching_order(site):
+    order = list(build_site.TEACHING_ORDER)
+    for before, after in zip(order, order[1:]):
+        nexts = re.findall(r'<link rel="next" title="[^"]*" href="([^"]+)"', (site / "notebooks" / f"{before}.html").read_text())
+        assert nexts == [f"{after}.html"], before
 
 
 def test_every_local_link_of_the_site_exists(site):
@@ -109,18 +130,28 @@ def test_every_local_link_of_the_site_exists(site):
     assert len(pages) >= 1 + len(notebook_names()) + len(sbatch_files())
     for page in pages:
         for url in filter(local, links(page)):
-            target = (page.parent / url.split("#")[0]).resolve()
+            target = (page.parent / path_of(url)).resolve()
             assert target.is_file(), f"{page.relative_to(site)} links to missing {url}"
 
 
 def test_each_notebook_page_shows_its_outputs(site):
-    for name in build_site.TEACHING_ORDER:
+    for number, name in enumerate(build_site.TEACHING_ORDER, 1):
         text = (site / "notebooks" / f"{name}.html").read_text()
-        assert "jp-OutputArea-output" in text, f"{name}.html has no outputs"
-        assert 'class="site-nav"' in text and "Lesson " in text  # the site's navigation and banner
-    train = (site / "notebooks" / "train.html").read_text()
-    assert re.search(r'<img[^>]+src="data:image/png;base64,', train), "train.html has no plot"
-    assert re.search(r"summary: epochs=\d+/\d+ val_acc=\d\.\d{4}", train), "train.html has no summary line"
+        assert 'class="cell_output docutils container"' in text, f"{name}.html has no outputs"
+        assert f"Lesson {number} of {len(build_site.TEACHING_ORDER)}: executed in " in text  # the banner
+    train = site / "notebooks" / "train.html"
+    plots = [url for url in links(train, {("img", "src")}) if url.startswith("../_images/") and url.endswith(".png")]
+    assert plots and all((train.parent / url).is_file() for url in plots), "train.html has no plot"
+    assert re.search(r"summary: epochs=\d+/\d+ val_acc=\d\.\d{4}", train.read_text()), "train.html has no summary line"
+
+
+def test_no_page_loads_anything_from_another_host(site):
+    """The site works offline: no script, style sheet, font or image from a CDN (MathJax, widgets)."""
+    remote = re.compile(r"^(https?:)?//")
+    for page in sorted(site.rglob("*.html")):
+        assert [url for url in links(page, LOADED) if remote.match(url)] == [], page.relative_to(site)
+    for sheet in sorted(site.rglob("*.css")):
+        assert not re.search(r"(@import|url\()\s*['\"]?(https?:)?//", sheet.read_text()), sheet.relative_to(site)
 
 
 def test_each_slurm_file_page_shows_its_sbatch_lines_and_links_the_notebook_of_its_script(site):
@@ -130,11 +161,11 @@ def test_each_slurm_file_page_shows_its_sbatch_lines_and_links_the_notebook_of_i
         page = site / "slurm" / f"{path.name}.html"
         assert page.is_file(), f"no page for slurm/{path.name}"
         assert f'href="slurm/{path.name}.html"' in index
-        text = re.sub(r"<[^>]+>", "", page.read_text())  # the text, without the markup of highlighting
+        text = html.unescape(re.sub(r"<[^>]+>", "", page.read_text()))  # the text, without the markup of highlighting
         sbatch = [line for line in path.read_text().splitlines() if line.startswith("#SBATCH")]
         assert sbatch, f"slurm/{path.name} has no #SBATCH line"
         for line in sbatch:
-            assert html.escape(line) in text, f"{path.name}.html lacks {line!r}"
+            assert line in text, f"{path.name}.html lacks {line!r}"
         scripts = set(re.findall(r"\bscripts/(\w+)\.py\b", path.read_text()))
         assert scripts, f"slurm/{path.name} runs no script of the course"
         targets = {url for url in links(page)}
@@ -142,35 +173,36 @@ def test_each_slurm_file_page_shows_its_sbatch_lines_and_links_the_notebook_of_i
             assert f"../notebooks/{script}.html" in targets, f"{path.name}.html does not link the {script} notebook"
 
 
-def test_performance_tables_when_docs_performance_md_exists(site):
-    page = site / "performance.html"
-    if not PERFORMANCE.is_file():
-        assert not page.exists()
-        return
-    text = page.read_text()
-    assert 'href="performance.html"' in (site / "index.html").read_text()
-    if re.search(r"^\s*\|[\s:|-]*---", PERFORMANCE.read_text(), re.M):  # a Markdown table
-        assert "<table" in text and "<td" in text
+def test_the_documents_and_the_performance_tables(site):
+    documents = section(site / "index.html", "documents")
+    for path in sorted((ROOT / "docs").glob("*.md")):
+        assert f'href="docs/{path.stem}.html"' in documents and (site / "docs" / f"{path.stem}.html").is_file(), path.name
+    text = (site / "docs" / "performance.html").read_text()
+    tables = re.findall(r"^\s*\|[\s:|-]*---", PERFORMANCE.read_text(), re.M)  # Markdown tables
+    assert tables and text.count("<table") == len(tables) and "<td" in text
 
 
-def test_performance_page_renders_markdown_tables_links_and_images(tmp_path, monkeypatch):
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    (docs / "ladder.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    (docs / "performance.md").write_text(
-        "# Performance\n\n| row | img/s |\n|---|--:|\n| `loader` | 1234.5 |\n\n"
-        "Measured with [the benchmark notebook](../notebooks/benchmark.ipynb) and `slurm/train.sbatch`.\n\n"
-        "![ladder](ladder.png)\n")
-    monkeypatch.setattr(build_site, "PERFORMANCE", docs / "performance.md")
-    names = list(build_site.TEACHING_ORDER)
-    notebooks = [build_site.Notebook(name, i + 1, name, "") for i, name in enumerate(names)]
-    site = build_site.Site(notebooks, build_site.read_slurm(names), True, "now", "here", performance=True)
-    text = site.performance_page()
-    text = text[text.index("<main>"):]  # not the navigation bar
-    assert re.search(r"<td[^>]*><code>loader</code></td>\s*<td[^>]*>1234.5</td>", text)
-    assert 'href="notebooks/benchmark.html"' in text
-    assert 'href="slurm/train.sbatch.html"' in text
-    assert 'src="data:image/png;base64,' in text
+def test_documents_link_repository_files_to_their_pages():
+    names, slurm = list(build_site.TEACHING_ORDER), [p.name for p in SLURM.iterdir() if p.is_file()]
+    text = ("| `loader` | see [the benchmark](../notebooks/benchmark.ipynb#timing), `slurm/train.sbatch`, "
+            "[its script](../scripts/train.py), [the cheat sheet](cheatsheet.md), [the Dockerfile](../container/Dockerfile), "
+            "[PyTorch](https://pytorch.org) |")
+    assert build_site.site_markdown(text, "docs", "docs/performance.md", names, slurm) == (
+        "| `loader` | see [the benchmark](../notebooks/benchmark.ipynb#timing), "
+        "[`slurm/train.sbatch`](../slurm/train.sbatch.md), [its script](../notebooks/train.ipynb), "
+        "[the cheat sheet](cheatsheet.md), the Dockerfile, [PyTorch](https://pytorch.org) |")
+    # on the page of the notebook itself, its script stays code
+    assert build_site.site_markdown("`scripts/train.py`", "notebooks", "notebooks/train.ipynb", names, slurm) == "`scripts/train.py`"
+
+
+def test_a_sphinx_warning_is_a_one_line_error_naming_the_page(tmp_path):
+    src = tmp_path / "src"
+    build_site.write_conf(src, "t")
+    (src / "index.md").write_text("# Home\n\nSee [the missing page](missing.md).\n")
+    with pytest.raises(build_site.UserError) as raised:
+        build_site.sphinx_build(src, tmp_path / "out", tmp_path / "doctrees")
+    message = str(raised.value)
+    assert "\n" not in message and re.search(r"failed \(1 warning\); the first: index.md:3: WARNING: .*missing", message)
 
 
 def test_bad_input_is_a_one_line_error_and_touches_nothing(tmp_path, capsys):
@@ -218,7 +250,7 @@ def test_notebook_pages_leave_out_the_cells_the_tests_added(site):
     for name in build_site.TEACHING_ORDER:
         shipped = sum(c.cell_type == "code" for c in nt.read(name).cells)
         page = (site / "notebooks" / f"{name}.html").read_text()
-        assert page.count('class="jp-Cell jp-CodeCell ') == shipped + 1, name
+        assert len(re.findall(r'<div class="cell(?: tag_[\w-]+)* docutils container"', page)) == shipped + 1, name
 
 
 def test_executed_copies_are_taken_without_the_added_cells_and_refused_with_an_error(tmp_path):

@@ -54,6 +54,20 @@ def is_appendix_heading(cell: dict) -> bool:
         for line in source_of(cell).splitlines() if line.startswith("#"))
 
 
+def heading_levels(cell: dict) -> list[tuple[int, str]]:
+    """(level, text) of each markdown heading in a cell."""
+    if cell["cell_type"] != "markdown":
+        return []
+    return [(len(line) - len(line.lstrip("#")), line.lstrip("#").strip().lower())
+            for line in source_of(cell).splitlines() if line.startswith("#")]
+
+
+def is_optional(heading: str) -> bool:
+    """`## Optional: ...` or `## ... (optional)`: a section learners may skip, timed apart (a whole
+    optional lesson says so in the README instead)."""
+    return heading.startswith("optional") or heading.endswith("(optional)")
+
+
 def is_collapsed(cell: dict) -> bool:
     return bool(cell.get("metadata", {}).get("jupyter", {}).get("source_hidden"))
 
@@ -79,25 +93,42 @@ class Lesson:
     lines_before_output: int | None = None
     run_seconds: float | None = None
     long_cells: list[int] = field(default_factory=list)  # indices of cells over the limit
+    optional: Lesson | None = None    # the counts of the sections marked optional, also in those above
+
+    def reading_minutes(self) -> float:
+        return (self.words / READING_WORDS_PER_MINUTE + self.flow_lines / READING_CODE_LINES_PER_MINUTE
+                + MINUTES_PER_EXERCISE * self.exercises)
 
     @property
     def estimated_minutes(self) -> float | None:
+        """The core: all but the appendix and the optional sections, with the whole run time
+        (the notebook runs them all)."""
         if self.run_seconds is None:
             return None
-        return (self.words / READING_WORDS_PER_MINUTE + self.flow_lines / READING_CODE_LINES_PER_MINUTE
-                + self.run_seconds / 60 + MINUTES_PER_EXERCISE * self.exercises)
+        return self.reading_minutes() - self.optional_minutes + self.run_seconds / 60
+
+    @property
+    def optional_minutes(self) -> float:
+        return self.optional.reading_minutes() if self.optional else 0.0
 
 
 def measure(notebook: Path, executed: Path | None = None) -> Lesson:
     cells = json.loads(notebook.read_text())["cells"]
-    lesson = Lesson(notebook.stem)
-    in_appendix = False
+    lesson = Lesson(notebook.stem, optional=Lesson(notebook.stem))
+    in_appendix, optional_level = False, None
     for index, cell in enumerate(cells):
         text = source_of(cell)
         in_appendix = in_appendix or is_appendix_heading(cell)
+        for level, heading in heading_levels(cell):  # an optional section ends at a heading of its level or above
+            if optional_level is not None and level <= optional_level:
+                optional_level = None
+            if optional_level is None and level >= 2 and is_optional(heading):  # not the title
+                optional_level = level
+        # Every count is the whole lesson's; those of optional sections are also kept apart.
+        counts = [lesson, lesson.optional] if optional_level is not None and not in_appendix else [lesson]
         if cell["cell_type"] == "markdown":
-            if not in_appendix:
-                lesson.words += len(text.split())
+            for counted in counts:
+                counted.words += 0 if in_appendix else len(text.split())
             lesson.numbered += len(NUMBERED_EXERCISE.findall(text))
             lesson.discuss += len(DISCUSS.findall(text))
             lesson.model_answers += len(MODEL_ANSWER.findall(text))
@@ -107,12 +138,13 @@ def measure(notebook: Path, executed: Path | None = None) -> Lesson:
         if cell["cell_type"] != "code":
             continue
         lines = nonblank(text)
-        if EXERCISE_CHECK.search(text):
-            lesson.exercises += 1
+        for counted in counts:
+            counted.exercises += 1 if EXERCISE_CHECK.search(text) else 0
         if in_appendix or is_collapsed(cell):
             lesson.hidden_lines += lines
             continue
-        lesson.flow_lines += lines
+        for counted in counts:
+            counted.flow_lines += lines
         lesson.longest_cell = max(lesson.longest_cell, lines)
         if lines > MAX_CELL_LINES:
             lesson.long_cells.append(index)
@@ -188,13 +220,14 @@ def notebooks() -> list[Path]:
 
 def table(lessons: list[Lesson]) -> str:
     header = (f"{'notebook':12s} {'flow':>5s} {'longest':>7s} {'hidden':>6s} {'words':>6s} {'exer':>4s} "
-              f"{'1st out':>7s} {'lines<out':>9s} {'run s':>6s} {'est min':>7s} {'stated':>6s}")
+              f"{'1st out':>7s} {'lines<out':>9s} {'run s':>6s} {'est min':>7s} {'stated':>6s} {'+optional':>9s}")
     rows = [header]
     for n in lessons:
         fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
         rows.append(f"{n.name:12s} {n.flow_lines:5d} {n.longest_cell:7d} {n.hidden_lines:6d} {n.words:6d} "
                     f"{n.exercises:4d} {fmt(n.first_output_cell, '7d')} {fmt(n.lines_before_output, '9d')} "
-                    f"{fmt(n.run_seconds, '6.0f')} {fmt(n.estimated_minutes, '7.0f')} {fmt(n.stated_minutes, '6d')}")
+                    f"{fmt(n.run_seconds, '6.0f')} {fmt(n.estimated_minutes, '7.0f')} {fmt(n.stated_minutes, '6d')} "
+                    f"{n.optional_minutes:9.0f}")
     rows.append(f"{'total':12s} {sum(n.flow_lines for n in lessons):5d}   (budget {FLOW_BUDGET})")
     return "\n".join(rows)
 

@@ -112,3 +112,28 @@ def test_what_fsdp_changes_in_train_py_is_a_shorter_list():
     print(f"\n{len(blocks)} `if cfg.fsdp` blocks, {lines} lines of train.py run only with --fsdp (budget {FSDP_BUDGET})")
     assert {function for function, _, _ in blocks} == {"parse_args", "prepare", "eval_loader"}
     assert 5 <= lines <= FSDP_BUDGET
+
+
+def test_an_optional_section_is_timed_apart_from_the_core(tmp_path):
+    """`## ... (optional)` up to the next heading of its level: its reading and exercises leave the
+    core estimate (which the stated time must match) and show as optional minutes."""
+    def markdown(text):
+        return {"cell_type": "markdown", "metadata": {}, "source": text}
+
+    def code(text):
+        return {"cell_type": "code", "metadata": {}, "source": text, "outputs": [], "execution_count": None}
+
+    words = " ".join(["word"] * 200)  # a minute of reading
+    cells = [markdown("# A lesson (optional)\n\n**Time:** about 5 minutes"), markdown(f"## Core\n\n{words}"),
+             code("\n".join(["x = 1"] * 10)), markdown(f"## Sharding (optional)\n\n{words}"),
+             markdown("### Its exercise"), code("print('Correct' if x else 'Not yet. Hint: ...')"),
+             markdown("## Exercises"), code("print('Correct' if x else 'Not yet. Hint: ...')")]
+    notebook = tmp_path / "lesson.ipynb"
+    notebook.write_text(__import__("json").dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    lesson = lessons.measure(notebook)
+    lesson.run_seconds = 60.0
+    assert (lesson.exercises, lesson.optional.exercises, lesson.optional.flow_lines) == (2, 1, 1)
+    # its 206 words ("## Sharding (optional)", "### Its exercise" and the 200), one line of code, one exercise
+    assert lesson.optional_minutes == pytest.approx(206 / 200 + 1 / 10 + 5)
+    # the other 212 words, 11 lines and one exercise, and the whole run time
+    assert lesson.estimated_minutes == pytest.approx(212 / 200 + 11 / 10 + 5 + 1)

@@ -357,8 +357,26 @@ def train_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+# After a run that succeeded, torchrun's agent on another node may fail to close the rendezvous
+# because the agent that hosts its store has already exited, and say so with a warning and the
+# store's tracebacks (pytorch/pytorch#69197; wenet-e2e/wespeaker#171 shows the same lines):
+# harmless, and out of the course's hands. What comes after the last summary line up to the
+# last such warning is cut.
+RENDEZVOUS_SHUTDOWN = re.compile(r"has failed to shutdown the rendezvous '[^']+' due to an error of type "
+                                 r"RendezvousConnectionError\.\n")
+
+
+def without_harmless_warnings(output: str) -> str:
+    warnings = list(RENDEZVOUS_SHUTDOWN.finditer(output))
+    summary = output.rfind("\nsummary: ")
+    if not warnings or summary < 0 or warnings[-1].start() < summary:
+        return output
+    end_of_summary = output.index("\n", summary + 1) + 1
+    return output[:end_of_summary] + output[warnings[-1].end():]
+
+
 def assert_quiet(job: Job) -> None:
-    assert job.returncode == 0 and not TRACEBACK.search(job.output), job.output[-4000:]
+    assert job.returncode == 0 and not TRACEBACK.search(without_harmless_warnings(job.output)), job.output[-4000:]
 
 
 def assert_scratch_removed(job: Job) -> None:
@@ -759,3 +777,15 @@ def test_submit_refuses_in_one_line(tmp_path, args, settings, message):
     done = submitted_options({**fake_sbatch(tmp_path), **settings}, *args)
     assert (done.returncode, done.stderr.strip()) == (2, message.format(site=ROOT / "slurm/site.sh"))
     assert done.stdout == ""
+
+
+def test_only_torchruns_harmless_shutdown_warning_is_cut_from_a_jobs_output():
+    trace = "Traceback (most recent call last):\n  File \"x.py\", line 1\nRuntimeError: Broken pipe\nframe #7: c10d::TCPStore::doGet\n"
+    warning = ("W1202 17:27:43.787000 25237 torch/distributed/elastic/rendezvous/dynamic_rendezvous.py:1298] The node "
+               "'node3_25237_0' has failed to shutdown the rendezvous '116' due to an error of type "
+               "RendezvousConnectionError.\n")
+    after = "slurm/submit: sbatch --wait slurm/ddp_torchrun_multinode.sbatch\n"
+    done = "epoch 3/3 ...\nsummary: epochs=3/3\n"
+    assert without_harmless_warnings(f"{done}{trace}{warning}{after}") == f"{done}{after}"
+    assert TRACEBACK.search(without_harmless_warnings(f"{trace}{done}{warning}{after}"))  # before the end: kept
+    assert TRACEBACK.search(without_harmless_warnings(f"{done}{trace}{after}"))  # without the warning: kept

@@ -91,11 +91,12 @@ from resilience import sum_over_ranks
 # no cost in accuracy; it is native from compute capability 8.0 on (A100 and later).
 # Older GPUs (a V100 is 7.0) only emulate bf16 (`torch.cuda.is_bf16_supported()` alone
 # says yes to emulation too), so `auto` gives them fp16 with a gradient scaler, which
-# keeps small gradients from rounding to zero. On most CPUs bf16 is *slower* than fp32:
-# emulated on AVX2-only CPUs (about 30x slower), and still 0.8x with AVX512-BF16 on the
-# test machine (`docs/performance.md`). Only CPUs with AMX matrix units (Intel Xeon 4th
-# generation and later) have bf16 hardware built for it, so `auto` uses bf16 on those
-# and leaves it off on every other CPU.
+# keeps small gradients from rounding to zero. On a CPU it depends on the chip, so
+# measure: emulated on AVX2-only CPUs bf16 is about 30x slower than fp32; with AVX512-BF16
+# instructions it measured 0.8x on an Intel Xeon but about 2x on an AMD EPYC
+# (`docs/performance.md`); CPUs with AMX matrix units (Intel Xeon 4th generation and
+# later) are built for it. So `auto` uses bf16 only with AMX, and the `benchmark`
+# lesson's `amp` row measures `--amp bf16` on your CPU.
 #
 # **fp32 is not always fp32 on a GPU.** From Ampere (A100, compute capability 8.0) on,
 # tensor cores compute in TF32 (fp32's range, 10 mantissa bits). PyTorch lets cuDNN use it

@@ -7,7 +7,7 @@ DEV_STAMP := $(VENV)/.dev-installed-$(shell cat requirements.txt requirements-de
 DEMO_DATA := data/birds-synthetic
 NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 
-.PHONY: demo test check sync drift cluster-up cluster-down gpu-check benchmark site slides cheatsheet preflight
+.PHONY: demo env test check sync drift cluster-up cluster-down gpu-check benchmark site slides cheatsheet preflight
 
 # The environment: created on first use, reinstalled when requirements.txt changes.
 $(STAMP): requirements.txt
@@ -20,6 +20,9 @@ $(STAMP): requirements.txt
 $(DEV_STAMP): requirements-dev.txt $(STAMP)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	rm -f $(VENV)/.dev-installed-* && touch $@
+
+# The environment with the tests' tools, nothing run (CI builds it before starting the cluster).
+env: $(DEV_STAMP)
 
 # Synthetic data and a ResNet-18 at 64 px: a CPU trains it to well above chance in about a minute.
 demo: $(STAMP)
@@ -51,7 +54,9 @@ drift: $(DEV_STAMP)
 
 # The local Slurm test cluster (root; see tests/slurm/README.md). The Slurm tests need it started
 # first: without it they are skipped (in CI: failed), saying so.
-cluster-up:
+# After the environment: the cluster lets its job user reach the .venv's interpreter, which may
+# link into root's home (pyenv), only when the .venv exists (tests/slurm/cluster.sh).
+cluster-up: $(DEV_STAMP)
 	bash tests/slurm/cluster.sh up
 
 cluster-down:

@@ -179,3 +179,16 @@ def test_each_tier_is_registered(pytestconfig, marker):
     """--strict-markers (pytest.ini) turns a marker that is not registered into an error."""
     assert any(line.split(":")[0] == marker for line in pytestconfig.getini("markers"))
     assert "--strict-markers" in pytestconfig.getini("addopts")
+
+
+def test_ci_builds_the_environment_before_the_cluster_opens_the_way_to_its_interpreter():
+    """tests/slurm/cluster.sh lets the job user traverse (o+x) the directories above the .venv's
+    interpreter only when the .venv exists. On a fresh clone whose Python lives in root's home
+    (pyenv, /root mode 700), .ci/run started the cluster first, and every job failed with
+    "env: '.venv/bin/python': Permission denied"."""
+    steps = [line.strip() for line in (conftest.ROOT / ".ci/run").read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    assert steps.index("make env") < steps.index("bash tests/slurm/cluster.sh up")
+    targets = {line.split(":")[0]: line for line in (conftest.ROOT / "Makefile").read_text().splitlines()
+               if line[:1].isalpha() and ":" in line}
+    assert targets["env"] == "env: $(DEV_STAMP)" and targets["cluster-up"] == "cluster-up: $(DEV_STAMP)"

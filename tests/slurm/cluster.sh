@@ -277,8 +277,11 @@ ensure_job_user() {
 # above it. Traversal is all that o+x gives.
 let_job_user_reach_python() {
     local python dir
-    python=$(readlink -f "$HERE/../../.venv/bin/python" 2>/dev/null) || return 0
-    [[ -x $python ]] || return 0
+    python=$(readlink -f "$HERE/../../.venv/bin/python" 2>/dev/null) || python=""
+    if [[ ! -x $python ]]; then
+        log "notice: no .venv yet: run \`make env\` first, or jobs may not reach its interpreter"
+        return 0
+    fi
     dir=$(dirname "$python")
     while [[ $dir != / ]]; do
         if [[ $(stat -c %A "$dir") != *x ]]; then
